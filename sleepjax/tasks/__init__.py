@@ -1,0 +1,28 @@
+"""Tasks: ``sleepjax.tasks.get(name, **options) -> Task``. See ``base.py`` for the layout conventions."""
+
+from __future__ import annotations
+
+import importlib
+
+from sleepjax.tasks.base import Example, Task, check_example, example_rng, stack
+
+# name -> "module:class"; imported lazily so one task's import cost is not paid by the others.
+_REGISTRY = {
+    "rule110": "sleepjax.tasks.rule110:Rule110",
+    "depo": "sleepjax.tasks.depo:Depo",
+    "gsm_infinite": "sleepjax.tasks.gsm_infinite:GSMInfinite",
+}
+
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str, **options) -> Task:
+    """Builds task ``name`` with ``options`` (each task validates its own options; ``preset=`` picks a
+    named preset of the task's options, overridden by the other options)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"task must be one of {NAMES}, got {name!r}")
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**options)
+
+
+__all__ = ["Example", "Task", "NAMES", "get", "check_example", "example_rng", "stack"]
