@@ -1,0 +1,188 @@
+"""Depo (Physics of LMs Part 4.1): k-hop questions about a directed cycle whose edges were read, then evicted."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from sleepjax.tasks.base import Example, Task, example_rng
+
+TRAIN_N = ("weighted", "uniform")
+SPECIALS = ("PAD", "BOS", "SEP", "ANS")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def held_out_hops(max_hops: int) -> tuple[int, ...]:
+    """The hop counts the test split cycles through: the powers of two up to K, plus K itself."""
+    powers = [2**i for i in range(max_hops.bit_length()) if 2**i <= max_hops]
+    return tuple(powers + ([max_hops] if max_hops not in powers else []))
+
+
+class Depo(Task):
+    """A random single directed cycle over n distinct node words, its edges in shuffled order, then questions.
+
+    Layout (fixed per instance; ``seq_len = context_len + question region``):
+
+    * context region, ``context_len`` tokens = a whole number of windows, never supervised (consolidated):
+      ``[BOS]`` if bos, PAD left-padding, then the n edges ``src dst [SEP]`` in shuffled order.
+    * question region: ``questions`` slots of ``2 + 2 * word_len_max`` tokens (the longest question), packed
+      ``window // slot`` per window so that no question crosses a window boundary; the rest of a window is PAD,
+      and the last window stops after its last slot. A question ``HOP{k} <word> ANS <answer>`` starts its slot;
+      shorter words leave PAD at the slot's end. The answer is the node reached by following k edges from <word>.
+
+    Words are word_len_min..word_len_max tokens (1 or 2 in the presets), each length equally likely: inner tokens
+    ``w*``, the last token ``e*`` (marks the end of a word), so a 1-token word is one ``e`` token. Vocab order: PAD, BOS, SEP, ANS, HOP1..HOP{K},
+    w0..w{V-1}, e0..e{V-1}.
+
+    Supervision: loss on the position predicting ANS (the query word's last token) and on the positions predicting
+    each answer token; item j = the latter only (exact answer-word accuracy of question j); difficulty[j] = k.
+    Train: n from ``train_n`` over {min_nodes..max_nodes} ("weighted": P(n=i) proportional to 1/(i + sqrt(N))),
+    k ~ Uniform{1..K}. Test: n = N, and k cycles through ``held_out_hops(K)`` by global question number, so every
+    test k gets an equal share of a run of examples.
+    """
+
+    DEFAULTS: Mapping[str, Any] = dict(
+        max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
+        window=75, context_len=300, sep=False, bos=False, train_n="weighted")
+    PRESETS: Mapping[str, Mapping[str, Any]] = {
+        "paper": dict(DEFAULTS),
+        # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
+        "cpu": dict(max_nodes=8, min_nodes=8, max_hops=4, alphabet=32, word_len_min=1, word_len_max=1,
+                    questions=16, window=24, context_len=24, sep=True, bos=False, train_n="uniform"),
+    }
+
+    def __init__(self, *, max_nodes: int | None = None, min_nodes: int | None = None, max_hops: int | None = None,
+                 alphabet: int | None = None, word_len_min: int | None = None, word_len_max: int | None = None,
+                 questions: int | None = None, window: int | None = None, context_len: int | None = None,
+                 sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
+                 preset: str | None = None):
+        if preset is not None and preset not in self.PRESETS:
+            raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
+        given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
+                     word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
+                     context_len=context_len, sep=sep, bos=bos, train_n=train_n)
+        options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
+                   **{k: v for k, v in given.items() if v is not None}}
+        self._validate(options)
+        self.options = options
+        self.max_nodes, self.min_nodes, self.max_hops = options["max_nodes"], options["min_nodes"], options["max_hops"]
+        self.alphabet, self.word_len_min, self.word_len_max = (
+            options["alphabet"], options["word_len_min"], options["word_len_max"])
+        self.questions, self.window, self.context_len = options["questions"], options["window"], options["context_len"]
+        self.sep, self.bos, self.train_n = bool(options["sep"]), bool(options["bos"]), options["train_n"]
+
+        self.name = "depo"
+        self.difficulty_name = "k"
+        self.vocab = (SPECIALS + tuple(f"HOP{k}" for k in range(1, self.max_hops + 1))
+                      + tuple(f"w{i}" for i in range(self.alphabet)) + tuple(f"e{i}" for i in range(self.alphabet)))
+        self._inner0 = self.token_id("w0")
+        self._end0 = self.token_id("e0")
+
+        self.slot_len = 2 + 2 * self.word_len_max
+        slots_per_window = self.window // self.slot_len
+        # start of question j's slot; questions fill windows in order, and the sequence ends with the last slot
+        self.question_starts = np.array(
+            [self.context_len + (j // slots_per_window) * self.window + (j % slots_per_window) * self.slot_len
+             for j in range(self.questions)], dtype=np.int32)
+        self.seq_len = int(self.question_starts[-1]) + self.slot_len
+        self.num_items = self.questions
+        self.test_hops = held_out_hops(self.max_hops)
+
+        self._node_counts = np.arange(self.min_nodes, self.max_nodes + 1)
+        weights = (1.0 / (self._node_counts + math.sqrt(self.max_nodes)) if self.train_n == "weighted"
+                   else np.ones(len(self._node_counts)))
+        self.train_n_probs = weights / weights.sum()
+        self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+    @staticmethod
+    def _validate(o: Mapping[str, Any]) -> None:
+        def need_int(key: str, minimum: int) -> None:
+            if not _is_int(o[key]) or o[key] < minimum:
+                raise ValueError(f"{key} must be an int >= {minimum}, got {o[key]!r}")
+
+        need_int("max_nodes", 2)
+        need_int("min_nodes", 2)
+        if o["min_nodes"] > o["max_nodes"]:
+            raise ValueError(f"min_nodes must be <= max_nodes={o['max_nodes']}, got {o['min_nodes']}")
+        need_int("max_hops", 1)
+        need_int("alphabet", 1)
+        need_int("word_len_min", 1)
+        need_int("word_len_max", o["word_len_min"])
+        distinct_words = sum(o["alphabet"] ** length for length in range(o["word_len_min"], o["word_len_max"] + 1))
+        if distinct_words < o["max_nodes"]:
+            raise ValueError(f"alphabet must give at least max_nodes={o['max_nodes']} distinct words of "
+                             f"{o['word_len_min']}..{o['word_len_max']} tokens, got alphabet={o['alphabet']} "
+                             f"({distinct_words} words)")
+        need_int("questions", 1)
+        need_int("window", 1)
+        for key in ("sep", "bos"):
+            if not isinstance(o[key], (bool, np.bool_)):
+                raise ValueError(f"{key} must be a bool, got {o[key]!r}")
+        if o["train_n"] not in TRAIN_N:
+            raise ValueError(f"train_n must be one of {TRAIN_N}, got {o['train_n']!r}")
+        slot_len = 2 + 2 * o["word_len_max"]
+        if slot_len > o["window"]:
+            raise ValueError(f"window must hold one question of up to {slot_len} tokens, got {o['window']}")
+        need_int("context_len", 1)
+        if o["context_len"] % o["window"]:
+            raise ValueError(f"context_len must be a multiple of window={o['window']}, got {o['context_len']}")
+        largest_context = o["max_nodes"] * (2 * o["word_len_max"] + o["sep"]) + o["bos"]
+        if largest_context > o["context_len"]:
+            raise ValueError(f"context_len must hold the largest graph ({o['max_nodes']} edges"
+                             f"{' + SEP' if o['sep'] else ''}{' + BOS' if o['bos'] else ''} = {largest_context} "
+                             f"tokens), got {o['context_len']}")
+
+    def _draw_words(self, rng: np.random.Generator, n: int) -> list[tuple[int, ...]]:
+        """n distinct node words (tuples of token ids), each of a uniform length in word_len_min..word_len_max."""
+        words: list[tuple[int, ...]] = []
+        seen: set[tuple[int, ...]] = set()
+        while len(words) < n:
+            letters = rng.integers(0, self.alphabet, size=rng.integers(self.word_len_min, self.word_len_max + 1))
+            word = tuple(int(self._inner0 + x) for x in letters[:-1]) + (int(self._end0 + letters[-1]),)
+            if word not in seen:
+                seen.add(word)
+                words.append(word)
+        return words
+
+    def example(self, seed: int, index: int, split: str = "train") -> Example:
+        rng = example_rng(seed, index, split, salt=self._salt)
+        if split == "test":
+            n = self.max_nodes
+            hops = np.array([self.test_hops[(index * self.questions + j) % len(self.test_hops)]
+                             for j in range(self.questions)], dtype=np.int32)
+        else:
+            n = int(rng.choice(self._node_counts, p=self.train_n_probs))
+            hops = rng.integers(1, self.max_hops + 1, size=self.questions).astype(np.int32)
+        # words[i] -> words[(i + 1) % n]: the cycle order is the draw order
+        words = self._draw_words(rng, n)
+        sep = (self.token_id("SEP"),) if self.sep else ()
+        edges = [words[i] + words[(i + 1) % n] + sep for i in rng.permutation(n)]
+        context = [token for edge in edges for token in edge]
+
+        tokens = np.full(self.seq_len, self.token_id("PAD"), dtype=np.int32)
+        tokens[self.context_len - len(context):self.context_len] = context
+        if self.bos:
+            tokens[0] = self.token_id("BOS")
+        loss_mask = np.zeros(self.seq_len, dtype=bool)
+        item = np.full(self.seq_len, -1, dtype=np.int32)
+
+        queries = rng.integers(0, n, size=self.questions)
+        answers = (queries + hops) % n
+        for j, start in enumerate(self.question_starts):
+            query, answer = words[queries[j]], words[answers[j]]
+            question = (self.token_id(f"HOP{hops[j]}"),) + query + (self.token_id("ANS"),) + answer
+            tokens[start:start + len(question)] = question
+            ans_pos = start + 1 + len(query)
+            loss_mask[ans_pos - 1:ans_pos + len(answer)] = True  # predicts ANS, then each answer token
+            item[ans_pos:ans_pos + len(answer)] = j
+
+        meta = dict(item=item, difficulty=hops, n=n, hops=hops,
+                    cycle=tuple(self.decode(w) for w in words),
+                    queries=tuple(self.decode(words[q]) for q in queries),
+                    answers=tuple(self.decode(words[a]) for a in answers))
+        return Example(tokens=tokens, loss_mask=loss_mask, meta=meta)

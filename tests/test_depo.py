@@ -1,0 +1,202 @@
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from sleepjax import tasks
+from sleepjax.tasks.base import check_example
+from sleepjax.tasks.depo import Depo
+
+ODD_OPTIONS = [
+    # mixed 1- and 2-token words, SEP, BOS, a small alphabet and a question region of several windows
+    dict(max_nodes=12, min_nodes=2, max_hops=5, alphabet=6, word_len_min=1, word_len_max=2, questions=7,
+         window=20, context_len=80, sep=True, bos=True),
+    # one question per window, the last window shorter than the others
+    dict(max_nodes=5, max_hops=3, alphabet=3, word_len_min=1, word_len_max=2, questions=3, window=7,
+         context_len=28, bos=True, train_n="uniform"),
+    # 1-token words without separators: the edge list is a plain run of end tokens
+    dict(max_nodes=10, min_nodes=4, max_hops=9, alphabet=12, word_len_min=1, word_len_max=1, questions=5,
+         window=10, context_len=30),
+]
+CONFIGS = [dict(preset="paper"), dict(preset="cpu")] + ODD_OPTIONS
+
+
+def read_word(vocab, tokens, pos):
+    """(word as a tuple of token strings, position after it): inner 'w' tokens up to and including an 'e' token."""
+    word = []
+    while True:
+        token = vocab[tokens[pos]]
+        assert token[0] in "we" and token[1:].isdigit(), f"expected a word token at {pos}, got {token}"
+        word.append(token)
+        pos += 1
+        if token[0] == "e":
+            return tuple(word), pos
+
+
+def parse(task, tokens):
+    """Reads the sequence back as text: (edges [(src, dst)], questions [dict]) without using the task's internals."""
+    vocab = task.vocab
+    words, pos = [], 0
+    while pos < task.context_len:
+        if vocab[tokens[pos]] in ("PAD", "BOS", "SEP"):
+            pos += 1
+            continue
+        word, pos = read_word(vocab, tokens, pos)
+        words.append(word)
+    assert pos == task.context_len, "a word crosses into the question region"
+    assert len(words) % 2 == 0
+    edges = list(zip(words[0::2], words[1::2]))
+
+    questions, pos = [], task.context_len
+    while pos < len(tokens):
+        token = vocab[tokens[pos]]
+        if token == "PAD":
+            pos += 1
+            continue
+        assert token.startswith("HOP"), f"expected HOPk at {pos}, got {token}"
+        start = pos
+        query, pos = read_word(vocab, tokens, pos + 1)
+        assert vocab[tokens[pos]] == "ANS"
+        ans_pos = pos
+        answer, pos = read_word(vocab, tokens, pos + 1)
+        questions.append(dict(k=int(token[3:]), query=query, answer=answer, start=start, ans_pos=ans_pos, end=pos))
+    return edges, questions
+
+
+def follow(edges, word, k):
+    successor = dict(edges)
+    for _ in range(k):
+        word = successor[word]
+    return word
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_answers_match_independent_solver(options, split):
+    task = Depo(**options)
+    for index in range(4):
+        ex = task.example(11, index, split)
+        check_example(task, ex)
+        edges, questions = parse(task, ex.tokens)
+        assert len(questions) == task.questions == task.num_items
+        expected_mask = np.zeros(task.seq_len, dtype=bool)
+        for j, q in enumerate(questions):
+            assert follow(edges, q["query"], q["k"]) == q["answer"]
+            assert 1 <= q["k"] <= task.max_hops and ex.meta["difficulty"][j] == q["k"]
+            # no question crosses a window boundary
+            assert q["start"] // task.window == (q["end"] - 1) // task.window
+            # loss on the prediction of ANS and of every answer token; the item only on the answer tokens
+            expected_mask[q["ans_pos"] - 1:q["end"] - 1] = True
+            assert np.flatnonzero(ex.meta["item"] == j).tolist() == list(range(q["ans_pos"], q["end"] - 1))
+            assert " ".join(q["answer"]) == ex.meta["answers"][j]
+        assert np.array_equal(ex.loss_mask, expected_mask)
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_edges_form_one_cycle_over_distinct_words(options):
+    task = Depo(**options)
+    for split in ("train", "test"):
+        for index in range(4):
+            ex = task.example(2, index, split)
+            edges, _ = parse(task, ex.tokens)
+            n = ex.meta["n"]
+            sources = [src for src, _ in edges]
+            assert len(edges) == n and len(set(sources)) == n and {dst for _, dst in edges} == set(sources)
+            successor, word, seen = dict(edges), sources[0], []
+            for _ in range(n):
+                seen.append(word)
+                word = successor[word]
+            assert word == sources[0] and len(set(seen)) == n  # one cycle through all n words
+            lengths = {len(w) for w in sources}
+            assert min(lengths) >= task.word_len_min and max(lengths) <= task.word_len_max
+            assert len(ex.meta["cycle"]) == n
+
+
+@pytest.mark.parametrize("options", CONFIGS)
+def test_context_region_is_consolidated_whole_windows(options):
+    task = Depo(**options)
+    assert task.context_len % task.window == 0
+    ex = task.example(0, 0)
+    assert not ex.loss_mask[:task.context_len].any()
+    # the tokens before the edges are PAD, or BOS first when bos=True
+    assert (task.vocab[ex.tokens[0]] == "BOS") == task.bos
+
+
+def test_preset_layouts():
+    paper = Depo(preset="paper")
+    assert (paper.seq_len, paper.window, paper.context_len, paper.num_items) == (360, 75, 300, 10)
+    assert paper.vocab[:5] == ("PAD", "BOS", "SEP", "ANS", "HOP1") and len(paper.vocab) == 4 + 16 + 50 + 50
+    assert paper.test_hops == (1, 2, 4, 8, 16)
+    cpu = Depo(preset="cpu")
+    assert (cpu.seq_len, cpu.window, cpu.context_len, cpu.num_items) == (88, 24, 24, 16)
+    assert cpu.test_hops == (1, 2, 4)
+    ex = cpu.example(0, 0)
+    assert "PAD" not in cpu.decode(ex.tokens[:24]).split()  # 8 edges `src dst SEP` fill the window exactly
+    assert ex.meta["n"] == 8 and set(ex.meta["difficulty"]) <= {1, 2, 3, 4}
+    assert Depo(preset="cpu", questions=6).seq_len == 48  # explicit options override the preset
+    assert isinstance(tasks.get("depo", preset="cpu"), Depo)
+
+
+def test_deterministic_and_index_dependent():
+    task = Depo(preset="cpu")
+    a, b = task.example(1, 9, "train"), task.example(1, 9, "train")
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.loss_mask, b.loss_mask)
+    assert a.meta["cycle"] == b.meta["cycle"]
+    assert not np.array_equal(a.tokens, task.example(1, 10, "train").tokens)
+    assert not np.array_equal(a.tokens, task.example(1, 9, "test").tokens)
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu"])
+def test_test_split_uses_all_nodes_and_balanced_hops(preset):
+    task = Depo(preset=preset)
+    examples = [task.example(5, i, "test") for i in range(len(task.test_hops) * 2)]
+    assert all(ex.meta["n"] == task.max_nodes for ex in examples)
+    counts = Counter(int(k) for ex in examples for k in ex.meta["difficulty"])
+    assert set(counts) == set(task.test_hops)
+    assert len(set(counts.values())) == 1
+
+
+def test_train_hops_cover_one_to_max():
+    task = Depo(preset="paper")
+    hops = {int(k) for i in range(20) for k in task.example(0, i, "train").meta["difficulty"]}
+    assert hops == set(range(1, 17))
+
+
+def test_weighted_train_n_distribution():
+    max_nodes, min_nodes, samples = 9, 3, 3000
+    task = Depo(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=2, alphabet=10, word_len_min=1, word_len_max=1,
+                questions=1, window=4, context_len=20)
+    counts = Counter(task.example(0, i, "train").meta["n"] for i in range(samples))
+    weights = {i: 1 / (i + math.sqrt(max_nodes)) for i in range(min_nodes, max_nodes + 1)}
+    total = sum(weights.values())
+    for i, weight in weights.items():
+        assert abs(counts[i] / samples - weight / total) < 0.03, (i, counts[i] / samples, weight / total)
+    uniform = Depo(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=2, alphabet=10, word_len_min=1,
+                   word_len_max=1, questions=1, window=4, context_len=20, train_n="uniform")
+    assert np.allclose(uniform.train_n_probs, 1 / (max_nodes - min_nodes + 1))
+
+
+@pytest.mark.parametrize("options, name", [
+    (dict(max_nodes=1), "max_nodes"),
+    (dict(max_nodes=7.5), "max_nodes"),
+    (dict(min_nodes=1), "min_nodes"),
+    (dict(min_nodes=80), "min_nodes"),
+    (dict(max_hops=0), "max_hops"),
+    (dict(alphabet=0), "alphabet"),
+    (dict(alphabet=8), "alphabet"),  # 64 two-token words < 75 nodes
+    (dict(word_len_min=0), "word_len_min"),
+    (dict(word_len_max=1), "word_len_max"),  # below word_len_min = 2
+    (dict(questions=0), "questions"),
+    (dict(window=5), "window"),  # a 6-token question does not fit
+    (dict(context_len=301), "context_len"),
+    (dict(context_len=150), "context_len"),  # too short for 75 edges
+    (dict(bos=True), "context_len"),  # 300 edge tokens + BOS
+    (dict(sep=1), "sep"),
+    (dict(bos="no"), "bos"),
+    (dict(train_n="log"), "train_n"),
+    (dict(preset="nope"), "preset"),
+])
+def test_bad_options(options, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        Depo(**options)
