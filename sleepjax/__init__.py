@@ -1,0 +1,27 @@
+"""sleepjax: LLM sleep in JAX.
+
+A hybrid language model (window-local attention + Gated DeltaNet fast weights) that consolidates every full
+window into its fast weights with N extra recurrent passes ("sleep") and then drops its KV cache.
+
+Public API (all pure functions over parameter pytrees):
+    ModelConfig, init, init_state, consolidate, forward, loss, stream_init, stream_step
+"""
+
+from sleepjax.config import ModelConfig
+from sleepjax.model import FastWeights, Params, consolidate, forward, init, init_state, loss, num_params
+from sleepjax.stream import Stream, stream_init, stream_step
+
+__all__ = [
+    "FastWeights",
+    "ModelConfig",
+    "Params",
+    "Stream",
+    "consolidate",
+    "forward",
+    "init",
+    "init_state",
+    "loss",
+    "num_params",
+    "stream_init",
+    "stream_step",
+]

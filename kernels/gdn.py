@@ -1,0 +1,250 @@
+"""Gated delta rule (Gated DeltaNet fast weights): the token recurrence, the chunked XLA algorithm, dispatch.
+
+Per value head h with fast weight S of shape [Dk, Dv] (float32):
+    S <- exp(g_t) S
+    S <- S + k_t (beta_t (v_t - S^T k_t))^T          (use_delta=True; use_delta=False drops "- S^T k_t")
+    o_t = S^T (scale q_t)
+Query/key head i serves value heads i*Hv/Hk ... (i+1)*Hv/Hk - 1. Conventions match flash-linear-attention's
+``chunk_gated_delta_rule`` so results can be compared.
+
+Backends: "recurrent" (token-by-token ``lax.scan``: the oracle), "chunked" (the chunked algorithm below, pure
+jnp with a ``lax.scan`` over chunks: the fast XLA path), "pallas" (GPU/TPU kernels, see ``gdn_pallas.py``),
+"auto" (Pallas on GPU/TPU, chunked elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+
+BACKENDS = ("auto", "recurrent", "chunked", "pallas")
+_LAYOUT = "[B, T, H, D]"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _expand_heads(x, num_heads: int):
+    """[..., Hk, D] -> [..., Hv, D]: key head i serves value heads i*r ... (i+1)*r - 1."""
+    return jnp.repeat(x, num_heads // x.shape[-2], axis=-2)
+
+
+def _check_inputs(q, k, v, g, beta, initial_state):
+    _checks.require_rank("q", q, 4, "[B, T, Hk, Dk]")
+    _checks.require_rank("k", k, 4, "[B, T, Hk, Dk]")
+    _checks.require_rank("v", v, 4, "[B, T, Hv, Dv]")
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        _checks.require_float(name, x)
+    B, T, Hk, Dk = q.shape
+    _checks.require_shape("k", k, q.shape, "(same as q)")
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v must have shape [B={B}, T={T}, Hv, Dv] matching q, got {tuple(v.shape)}")
+    Hv, Dv = v.shape[2], v.shape[3]
+    if T < 1:
+        raise ValueError(f"q must hold at least one token (T >= 1), got T={T}")
+    _checks.require_divisible("v's head count Hv", Hv, "q's head count Hk", Hk)
+    _checks.require_shape("g", g, (B, T, Hv), "[B, T, Hv]")
+    _checks.require_shape("beta", beta, (B, T, Hv), "[B, T, Hv]")
+    if initial_state is not None:
+        _checks.require_shape("initial_state", initial_state, (B, Hv, Dk, Dv), "[B, Hv, Dk, Dv]")
+        _checks.require_float("initial_state", initial_state)
+    return B, T, Hk, Hv, Dk, Dv
+
+
+def _prepare(q, k, v, g, beta, initial_state, scale):
+    """float32, heads expanded to Hv, q scaled, state materialised."""
+    B, T, Hk, Hv, Dk, Dv = _check_inputs(q, k, v, g, beta, initial_state)
+    scale = Dk**-0.5 if scale is None else scale
+    f32 = jnp.float32
+    q = _expand_heads(q.astype(f32), Hv) * scale
+    k = _expand_heads(k.astype(f32), Hv)
+    state = jnp.zeros((B, Hv, Dk, Dv), f32) if initial_state is None else initial_state.astype(f32)
+    return q, k, v.astype(f32), g.astype(f32), beta.astype(f32), state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference: the token recurrence
+
+
+def _token_update(state, q, k, v, g, beta, use_delta: bool):
+    """One token for every (batch, head). state [B,H,Dk,Dv]; q,k [B,H,Dk] (q scaled); v [B,H,Dv]; g,beta [B,H]."""
+    state = jnp.exp(g)[..., None, None] * state
+    if use_delta:
+        v = v - jnp.einsum("bhkv,bhk->bhv", state, k)
+    state = state + k[..., :, None] * (beta[..., None] * v)[..., None, :]
+    return jnp.einsum("bhkv,bhk->bhv", state, q), state
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_delta=True):
+    """One decoding step. q, k [B, Hk, Dk]; v [B, Hv, Dv]; g, beta [B, Hv]; state [B, Hv, Dk, Dv] (float32).
+    Returns o [B, Hv, Dv] in q's dtype and the new float32 state."""
+    q4, k4, v4, g3, b3 = (x[:, None] for x in (q, k, v, g, beta))
+    qf, kf, vf, gf, bf, state = _prepare(q4, k4, v4, g3, b3, state, scale)
+    o, state = _token_update(state, qf[:, 0], kf[:, 0], vf[:, 0], gf[:, 0], bf[:, 0], use_delta)
+    return o.astype(q.dtype), state
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, use_delta=True):
+    """Token-by-token ``lax.scan``: slow, simple, the oracle for every other backend."""
+    qf, kf, vf, gf, bf, state = _prepare(q, k, v, g, beta, initial_state, scale)
+
+    def body(s, xs):
+        o, s = _token_update(s, *xs, use_delta)
+        return s, o
+
+    time_major = [jnp.moveaxis(x, 1, 0) for x in (qf, kf, vf, gf, bf)]
+    state, o = jax.lax.scan(body, state, time_major)
+    return jnp.moveaxis(o, 0, 1).astype(q.dtype), state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked algorithm (XLA)
+
+_SUBSTITUTION_BLOCK = 16
+
+
+def _substitute_unit_lower(a):
+    """(I + a)^-1 for strictly lower-triangular a [..., b, b], by forward substitution over rows."""
+    b = a.shape[-1]
+    eye = jnp.eye(b, dtype=a.dtype)
+    t = jnp.broadcast_to(eye, a.shape)
+    for i in range(1, b):
+        # a[i, j] = 0 for j >= i, so the product only reads the rows of t already final.
+        row = eye[i] - jnp.einsum("...j,...jk->...k", a[..., i, :], t)
+        t = t.at[..., i, :].set(row)
+    return t
+
+
+def unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C] using matmuls and small substitutions only.
+
+    Diagonal 16x16 blocks by substitution, then block forward substitution for the rest. No
+    ``triangular_solve``: Pallas cannot lower it and its gradient hung XLA:CPU under jit(grad).
+    """
+    C = a.shape[-1]
+    b = _SUBSTITUTION_BLOCK if C % _SUBSTITUTION_BLOCK == 0 else C
+    nb = C // b
+    diag_inv = [_substitute_unit_lower(a[..., i * b:(i + 1) * b, i * b:(i + 1) * b]) for i in range(nb)]
+    rows = []  # row blocks of the inverse, each [..., b, C]
+    for i in range(nb):
+        lead = jnp.zeros(a.shape[:-2] + (b, i * b), a.dtype)
+        tail = jnp.zeros(a.shape[:-2] + (b, C - (i + 1) * b), a.dtype)
+        row = jnp.concatenate([lead, diag_inv[i], tail], axis=-1)
+        if i:
+            above = jnp.concatenate(rows, axis=-2)  # [..., i*b, C]
+            coupling = a[..., i * b:(i + 1) * b, : i * b] @ above
+            row = row - diag_inv[i] @ coupling
+        rows.append(row)
+    return jnp.concatenate(rows, axis=-2)
+
+
+def _chunk_size_for(T: int, chunk_size: int) -> int:
+    """Short sequences use a smaller chunk (a multiple of 16) instead of padding to the full chunk."""
+    return min(chunk_size, _SUBSTITUTION_BLOCK * math.ceil(T / _SUBSTITUTION_BLOCK))
+
+
+def chunk_precompute(q, k, v, g, beta, use_delta: bool):
+    """Everything that does not depend on the carried state, for all chunks at once.
+
+    Inputs are float32 [..., C, D] (q already scaled), g and beta [..., C]. Returns
+    (qg, kdec, gamma_last, w, u, p): qg = q*exp(G) [...,C,Dk]; kdec = k*exp(G_C - G) [...,C,Dk];
+    gamma_last = exp(G_C) [...]; w [...,C,Dk] and u [...,C,Dv] with v_new = u - w S; p = tril(q k^T * D) [...,C,C].
+    """
+    C = g.shape[-1]
+    G = jnp.cumsum(g, axis=-1)
+    diff = G[..., :, None] - G[..., None, :]
+    lower = jnp.tril(jnp.ones((C, C), bool))
+    # Mask before exp: the upper triangle holds G_i - G_j >= 0, which can overflow for strong decay.
+    decay = jnp.exp(jnp.where(lower, diff, -jnp.inf))
+    gamma = jnp.exp(G)
+    p = jnp.einsum("...id,...jd->...ij", q, k) * decay
+    bv = beta[..., None] * v
+    if use_delta:
+        strict = jnp.tril(jnp.ones((C, C), bool), -1)
+        a = jnp.where(strict, beta[..., :, None] * jnp.einsum("...id,...jd->...ij", k, k) * decay, 0.0)
+        t = unit_lower_inverse(a)
+        w = t @ ((beta * gamma)[..., None] * k)
+        u = t @ bv
+    else:
+        w = jnp.zeros_like(k)
+        u = bv
+    kdec = k * jnp.exp(G[..., -1:] - G)[..., None]
+    return q * gamma[..., None], kdec, gamma[..., -1], w, u, p
+
+
+def chunk_step(state, qg, kdec, gamma_last, w, u, p):
+    """Advance one chunk: state [...,Dk,Dv] at the chunk start -> (outputs [...,C,Dv], state at its end)."""
+    v_new = u - w @ state
+    o = qg @ state + p @ v_new
+    state = gamma_last[..., None, None] * state + jnp.swapaxes(kdec, -1, -2) @ v_new
+    return o, state
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, use_delta=True,
+                             chunk_size=64):
+    """The chunked algorithm in plain jnp; sequential only across chunks. Any T (padded internally)."""
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size % 16:
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size!r}")
+    qf, kf, vf, gf, bf, state = _prepare(q, k, v, g, beta, initial_state, scale)
+    B, T, H, Dv = vf.shape
+    C = _chunk_size_for(T, chunk_size)
+    n = -(-T // C)
+    pad = n * C - T
+
+    def chunks(x):  # [B, T, H, ...] -> [n, B, H, C, ...]; padding has g = beta = k = 0: the state is untouched
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((B, n, C) + x.shape[2:])
+        x = jnp.moveaxis(x, 3, 2)  # [B, n, H, C, ...]
+        return jnp.moveaxis(x, 1, 0)
+
+    pre = chunk_precompute(*(chunks(x) for x in (qf, kf, vf, gf, bf)), use_delta)
+
+    def body(s, xs):
+        o, s = chunk_step(s, *xs)
+        return s, o
+
+    state, o = jax.lax.scan(body, state, pre)  # o [n, B, H, C, Dv]
+    o = jnp.moveaxis(o, 0, 1).transpose(0, 1, 3, 2, 4).reshape(B, n * C, H, Dv)[:, :T]
+    return o.astype(q.dtype), state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def default_backend(platform: str | None = None) -> str:
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        try:
+            from . import gdn_pallas  # noqa: F401
+            return "pallas"
+        except ImportError:
+            return "chunked"
+    return "chunked"
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, use_delta=True, chunk_size=64,
+                     backend="auto"):
+    """Gated delta rule over a sequence.
+
+    q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv] (Hv % Hk == 0); g (log decay, <= 0) and beta [B, T, Hv];
+    initial_state [B, Hv, Dk, Dv] or None (zeros). scale defaults to Dk**-0.5 and multiplies q.
+    Returns (o [B, T, Hv, Dv] in q's dtype, final_state [B, Hv, Dk, Dv] float32).
+    """
+    _checks.require_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = default_backend()
+    if backend == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state, scale=scale, use_delta=use_delta)
+    if backend == "chunked":
+        return chunked_gated_delta_rule(q, k, v, g, beta, initial_state, scale=scale, use_delta=use_delta,
+                                        chunk_size=chunk_size)
+    from . import gdn_pallas
+
+    return gdn_pallas.gated_delta_rule_pallas(q, k, v, g, beta, initial_state, scale=scale, use_delta=use_delta,
+                                              chunk_size=chunk_size)

@@ -1,0 +1,91 @@
+"""Streaming wake: one token at a time with a window-local KV cache; the stream sleeps by itself.
+
+When the window fills, the fast weights are re-derived by ``consolidate`` (N passes) from the S saved at the
+window's start over the window's tokens, and the caches are cleared. Per-token cost depends on the window
+size L, never on how long the stream has run. For N = 1 the slept S equals the one the wake path produced.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sleepjax import layers
+from sleepjax.model import FastWeights, Params, check_tokens, consolidate, embed, init_state, unembed
+
+
+@flax.struct.dataclass
+class Stream:
+    fast_weights: FastWeights  # S after every token seen so far, one [B, Hv, Dk, Dv] per GDN layer
+    window_start: FastWeights  # S at the start of the current window: where sleep starts from
+    window_tokens: jax.Array  # int32 [B, L]: the current window's tokens (slots >= position are stale)
+    kv_cache: tuple  # per attention layer (k, v), each [B, L, Hkv, D]
+    conv_cache: tuple  # per GDN layer [B, K-1, C]: the last raw projections of this window
+    position: jax.Array  # int32 scalar: slot of the next token in the window
+    sleeps: jax.Array  # int32 scalar: windows consolidated so far
+
+
+def _empty_caches(params: Params, batch_size: int):
+    cfg = params.config
+    dtype = layers.dtype_of(cfg)
+    kv_shape = (batch_size, cfg.window, cfg.attn_kv_heads, cfg.attn_head_dim)
+    kv = tuple((jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in range(cfg.num_attn_layers))
+    conv_shape = (batch_size, cfg.conv_size - 1, layers.gdn_conv_channels(cfg))
+    conv = tuple(jnp.zeros(conv_shape, dtype) for _ in range(cfg.num_gdn_layers))
+    return kv, conv
+
+
+def stream_init(params: Params, batch_size: int, state: FastWeights | None = None) -> Stream:
+    """A fresh stream for ``batch_size`` sequences (fast weights zero unless ``state`` is given)."""
+    state = init_state(params, batch_size) if state is None else state
+    kv, conv = _empty_caches(params, batch_size)
+    return Stream(fast_weights=state, window_start=state,
+                  window_tokens=jnp.zeros((batch_size, params.config.window), jnp.int32), kv_cache=kv,
+                  conv_cache=conv, position=jnp.zeros((), jnp.int32), sleeps=jnp.zeros((), jnp.int32))
+
+
+def _wake_token(params: Params, stream: Stream, token):
+    """The model on one token with the caches: returns (logits [B, V], stream with caches and S updated)."""
+    cfg = params.config
+    h = embed(params, token)
+    fast_weights, kv, conv = list(stream.fast_weights), list(stream.kv_cache), list(stream.conv_cache)
+    attn_i = gdn_i = 0
+    for kind, p in zip(cfg.layers, params.layers):
+        x = layers.rms_norm(h, p["norm1"], cfg.norm_eps)
+        if kind == "attn":
+            out, kv[attn_i] = layers.attention_token(p, x, kv[attn_i], stream.position, cfg)
+            attn_i += 1
+        else:
+            out, fast_weights[gdn_i], conv[gdn_i] = layers.gdn_token(p, x, fast_weights[gdn_i], conv[gdn_i], cfg)
+            gdn_i += 1
+        h = h + out
+        h = h + layers.mlp(p["mlp"], layers.rms_norm(h, p["norm2"], cfg.norm_eps))
+    window_tokens = jax.lax.dynamic_update_slice_in_dim(stream.window_tokens, token[:, None].astype(jnp.int32),
+                                                        stream.position, axis=1)
+    stream = stream.replace(fast_weights=tuple(fast_weights), kv_cache=tuple(kv), conv_cache=tuple(conv),
+                            window_tokens=window_tokens, position=stream.position + 1)
+    return unembed(params, h), stream
+
+
+def _sleep(params: Params, stream: Stream) -> Stream:
+    """Consolidate the full window from the S at its start, then clear the caches."""
+    state = consolidate(params, stream.window_start, stream.window_tokens)
+    kv, conv = _empty_caches(params, stream.window_tokens.shape[0])
+    return stream.replace(fast_weights=state, window_start=state, kv_cache=kv, conv_cache=conv,
+                          position=jnp.zeros((), jnp.int32), sleeps=stream.sleeps + 1)
+
+
+def stream_step(params: Params, stream: Stream, token) -> tuple[jax.Array, Stream]:
+    """Feed one token [B] (int32). Returns the logits predicting the next token [B, V] and the new stream.
+
+    One function serves wake and sleep (``lax.cond`` on a full window), so one ``jax.jit`` compiles both.
+    """
+    check_tokens("token", token, params.config, 1, "[B]")
+    if token.shape[0] != stream.window_tokens.shape[0]:
+        raise ValueError(f"token must have shape [B={stream.window_tokens.shape[0]}] (the stream's batch size), "
+                         f"got {tuple(token.shape)}")
+    logits, stream = _wake_token(params, stream, token)
+    full = stream.position == params.config.window
+    stream = jax.lax.cond(full, lambda s: _sleep(params, s), lambda s: s, stream)
+    return logits, stream
