@@ -367,3 +367,43 @@ def test_too_small_context_raises():
     task = GSMInfinite(preset="tiny", distractors=(20, 20), window=32, context_len=32)
     with pytest.raises(RuntimeError, match="context_len"):
         task.example(0, 0)
+
+
+def statement_parts(text):
+    """[(defined key, [used keys])] of a medium/hard text."""
+    out = []
+    for statement in split_statements(text):
+        m = re.fullmatch(r"(The .+?) equals (.+)\.", statement)
+        out.append((parse_quantity("t" + m[1][1:]), parse_expression(m[2])[2]))
+    return out
+
+
+@pytest.mark.parametrize("subset", ["medium", "hard"])
+def test_unneeded_and_spider_statements(subset):
+    """Unneeded statements appear even without noise; spiders define unneeded quantities from needed ones."""
+    quiet = GSMInfinite(subset=subset, distractors=(1, 2), noise=0, op_max=6, context_len=256)
+    noisy = GSMInfinite(subset=subset, distractors=0, noise=(3, 3), op_max=6, context_len=256, places=3)
+    for index in range(40):
+        for task in (quiet, noisy):
+            problem = task.problem(4, index)
+            parts = statement_parts(problem.text)
+            needed = {parse_quantity(s[:-1].split(" = ")[0]) for s in split_statements(problem.solution)}
+            unneeded = [(lhs, used) for lhs, used in parts if lhs not in needed]
+            if task is quiet:
+                assert len(unneeded) >= 1
+            else:
+                spiders = [lhs for lhs, used in unneeded if set(used) & needed]
+                assert len(spiders) >= 3
+
+
+def test_symbolic_filler_is_unknown():
+    task = GSMInfinite(preset="tiny_symbolic", distractors=3, noise=0)
+    for index in range(30):
+        problem = task.problem(0, index)
+        _, _, values = solve_symbolic(problem.text, problem.question)
+        assert len(split_statements(problem.text)) == len(values) + 3  # three filler statements, all unknown
+
+
+def test_symbolic_names_must_suffice():
+    with pytest.raises(ValueError, match="var_digits"):
+        GSMInfinite(subset="symbolic", var_digits=2, fill_tokens=(1000, 2000), window=1000, context_len=2000)

@@ -464,8 +464,9 @@ class GSMInfinite(Task):
     DEFAULTS: Mapping[str, Any] = dict(
         subset="medium", op_min=1, op_max=4, distractors=(1, 2), noise=(0, 1), fill_tokens=0, places=2,
         categories=2, items=3, const_max=9, var_digits=2, window=64, context_len=128)
-    # tiny*: CPU scale (4 layers, d = 64): about 4-10 short statements over a 2 x 2 x 3 world, one-digit
-    # constants, text of ~40-190 tokens in 3 windows of 64. paper*: op 1..8, text filled to 2000-3300 tokens.
+    # tiny*: CPU scale (4 layers, d = 64): 2-10 short statements over a 2 places x 2 categories x 3 items world,
+    # constants 1..9, op <= 4 (5 in hard), texts of ~25-125 tokens (mean ~60) in 2 windows of 64 (3 for hard).
+    # paper*: op 1..8, texts filled to 2000-3300 tokens in 2 windows of 2000.
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "tiny": dict(DEFAULTS),
         "tiny_hard": dict(DEFAULTS, subset="hard", op_max=5, context_len=192),
@@ -550,6 +551,14 @@ class GSMInfinite(Task):
         slots = o["places"] * o["categories"] * o["items"]
         if o["subset"] != "symbolic" and slots < 2:
             raise ValueError(f"places * categories * items must be >= 2 (quantities to define), got {slots}")
+        if o["subset"] == "symbolic":
+            # names are drawn without replacement: keep at most half of them in use
+            shortest = 5 + 2 * o["var_digits"]  # assign V.. = V.. .
+            most = 2 * o["op_max"] + 1 + o["distractors"][1] + o["noise"][1] + (
+                o["fill_tokens"][1] // shortest if o["fill_tokens"] else 0)
+            if 2 * most > 9 * 10 ** (o["var_digits"] - 1):
+                raise ValueError(f"var_digits={o['var_digits']} gives too few variable names for up to {most} "
+                                 f"variables; raise var_digits")
 
     # ----- text
     def tokenize(self, text: str) -> list[str]:
@@ -704,8 +713,9 @@ class GSMInfinite(Task):
             if problem is not None and 1 + len(tokenize(problem.question)) + len(
                     tokenize(problem.text)) <= self.context_len:
                 return problem
-        raise RuntimeError(f"no problem with op={op} fits context_len={self.context_len} after {MAX_REDRAWS} "
-                           f"draws; lower distractors/noise or op_max, or raise context_len ({self.options})")
+        raise RuntimeError(f"no problem with op={op} within context_len={self.context_len} after {MAX_REDRAWS} "
+                           f"draws: lower distractors/noise or op_max, raise context_len, or (medium/hard) give "
+                           f"more places/categories/items ({self.options})")
 
     def example(self, seed: int, index: int, split: str = "train") -> Example:
         problem = self.problem(seed, index, split)
