@@ -1,0 +1,188 @@
+"""The gated delta rule: recurrent backend vs a float64 NumPy loop; chunked vs recurrent (values, states, grads)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_trees_close, case_key, rel_err
+from sleepjax.kernels import gated_delta_rule, gated_delta_rule_step, unit_lower_inverse
+
+
+def make_inputs(key, B=2, T=37, Hk=2, Hv=4, Dk=16, Dv=8, decay="normal", beta_range="normal", state=True,
+                dtype=jnp.float32):
+    ks = jax.random.split(key, 6)
+    q = jax.random.normal(ks[0], (B, T, Hk, Dk))
+    k = jax.random.normal(ks[1], (B, T, Hk, Dk))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)  # the model L2-normalises keys
+    v = jax.random.normal(ks[2], (B, T, Hv, Dv))
+    if decay == "strong":  # g near -10: the state is almost wiped every token
+        g = -10.0 + 0.5 * jax.random.uniform(ks[3], (B, T, Hv))
+    elif decay == "none":
+        g = jnp.zeros((B, T, Hv))
+    else:
+        g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, Hv)) - 1.0)
+    u = jax.random.uniform(ks[4], (B, T, Hv))
+    beta = {"normal": u, "low": 1e-4 * u, "high": 1.0 - 1e-4 * u}[beta_range]
+    s0 = jax.random.normal(ks[5], (B, Hv, Dk, Dv)) if state else None
+    cast = lambda x: x.astype(dtype)
+    return cast(q), cast(k), cast(v), g, beta, s0
+
+
+def numpy_reference(q, k, v, g, beta, s0, use_delta=True, scale=None):
+    """Token-by-token float64 recurrence, written independently of the JAX code."""
+    q, k, v, g, beta = (np.asarray(x, np.float64) for x in (q, k, v, g, beta))
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    scale = Dk ** -0.5 if scale is None else scale
+    S = np.zeros((B, Hv, Dk, Dv)) if s0 is None else np.array(s0, np.float64)
+    o = np.zeros((B, T, Hv, Dv))
+    r = Hv // Hk
+    for b in range(B):
+        for h in range(Hv):
+            hk = h // r
+            for t in range(T):
+                S[b, h] *= np.exp(g[b, t, h])
+                kt, vt = k[b, t, hk], v[b, t, h]
+                err = vt - S[b, h].T @ kt if use_delta else vt
+                S[b, h] += np.outer(kt, beta[b, t, h] * err)
+                o[b, t, h] = S[b, h].T @ (scale * q[b, t, hk])
+    return o, S
+
+
+@pytest.mark.parametrize("use_delta", [True, False])
+@pytest.mark.parametrize("decay,beta_range", [("normal", "normal"), ("strong", "high"), ("none", "low")])
+def test_recurrent_matches_float64_loop(use_delta, decay, beta_range):
+    args = make_inputs(case_key("rec", use_delta, decay, beta_range), B=1, T=23, decay=decay, beta_range=beta_range)
+    o, s = gated_delta_rule(*args, use_delta=use_delta, backend="recurrent")
+    o_ref, s_ref = numpy_reference(*args, use_delta=use_delta)
+    assert rel_err(o, o_ref) < 2e-5 and rel_err(s, s_ref) < 2e-5
+
+
+CHUNK_CASES = [
+    # (T, chunk_size, Hk, Hv, Dk, Dv, decay, beta_range, with_state)
+    (37, 16, 2, 4, 16, 8, "normal", "normal", True),
+    (64, 64, 1, 1, 8, 8, "normal", "normal", False),
+    (130, 64, 2, 2, 16, 32, "normal", "high", True),
+    (75, 32, 1, 3, 8, 4, "strong", "normal", True),
+    (19, 64, 2, 2, 8, 8, "none", "low", True),
+    (1, 64, 1, 2, 4, 4, "normal", "high", True),
+    (300, 64, 1, 1, 16, 16, "normal", "high", True),  # long: errors must not accumulate across chunks
+]
+
+
+@pytest.mark.parametrize("use_delta", [True, False])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: "T{}-C{}-Hk{}-Hv{}-{}-{}".format(*c[:3], c[3], c[6], c[7]))
+def test_chunked_matches_recurrent(use_delta, case):
+    T, C, Hk, Hv, Dk, Dv, decay, beta_range, with_state = case
+    args = make_inputs(case_key("chunk", use_delta, case), B=2, T=T, Hk=Hk, Hv=Hv, Dk=Dk, Dv=Dv, decay=decay,
+                       beta_range=beta_range, state=with_state)
+    o_ref, s_ref = gated_delta_rule(*args, use_delta=use_delta, backend="recurrent")
+    o, s = gated_delta_rule(*args, use_delta=use_delta, backend="chunked", chunk_size=C)
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) < 1e-4, rel_err(o, o_ref)
+    assert rel_err(s, s_ref) < 1e-4, rel_err(s, s_ref)
+
+    # Gradients of a random linear functional of (o, final state) with respect to every input.
+    kq, ks = jax.random.split(case_key("cot", case))
+    o_cot, s_cot = jax.random.normal(kq, o_ref.shape), jax.random.normal(ks, s_ref.shape)
+    argnums = (0, 1, 2, 3, 4, 5) if with_state else (0, 1, 2, 3, 4)
+
+    def objective(backend):
+        def f(*a):
+            o, s = gated_delta_rule(*a, use_delta=use_delta, backend=backend, chunk_size=C)
+            return jnp.sum(o * o_cot) + jnp.sum(s * s_cot)
+        return f
+
+    g_ref = jax.grad(objective("recurrent"), argnums)(*args)
+    g = jax.grad(objective("chunked"), argnums)(*args)
+    assert_trees_close(g, g_ref, 2e-4, "grad")
+
+
+def test_bfloat16_inputs_keep_float32_state():
+    args = make_inputs(case_key("bf16"), T=70, dtype=jnp.bfloat16)
+    o, s = gated_delta_rule(*args, backend="chunked")
+    o_ref, s_ref = gated_delta_rule(*args, backend="recurrent")
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    assert rel_err(o, o_ref) < 2e-2 and rel_err(s, s_ref) < 1e-3
+
+
+def test_decode_step_matches_sequence():
+    q, k, v, g, beta, s0 = make_inputs(case_key("step"), T=9)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, s0, backend="recurrent")
+    s = s0
+    for t in range(9):
+        o_t, s = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+        assert rel_err(o_t, o_ref[:, t]) < 1e-5
+    assert rel_err(s, s_ref) < 1e-5
+
+
+def test_jit_and_vmap():
+    args = make_inputs(case_key("vmap"), B=2, T=20)
+    fn = lambda *a: gated_delta_rule(*a, backend="chunked")
+    o, s = jax.jit(fn)(*args)
+    o_ref, s_ref = fn(*args)
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(s, s_ref) < 1e-6
+    stacked = [jnp.stack([x, 0.5 * x]) for x in args]
+    ov, sv = jax.vmap(fn)(*stacked)
+    o_half, _ = fn(*[0.5 * x for x in args])
+    assert rel_err(ov[0], o_ref) < 1e-6 and rel_err(ov[1], o_half) < 1e-6
+
+
+def test_scale_and_default_state():
+    q, k, v, g, beta, _ = make_inputs(case_key("scale"), state=False)
+    o1, _ = gated_delta_rule(q, k, v, g, beta, scale=0.3, backend="chunked")
+    o2, _ = gated_delta_rule(q * 0.3 * 16 ** 0.5, k, v, g, beta, backend="chunked")
+    assert rel_err(o1, o2) < 1e-5
+    o_ref, _ = numpy_reference(q, k, v, g, beta, None, scale=0.3)
+    assert rel_err(o1, o_ref) < 1e-4
+
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+def test_unit_lower_inverse(C):
+    # The matrix the chunked algorithm inverts: strictly lower beta * K K^T with unit-norm keys.
+    kk, kb = jax.random.split(case_key("inv", C))
+    k = jax.random.normal(kk, (3, C, 8))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    a = jnp.tril(jax.random.uniform(kb, (3, C, 1)) * (k @ jnp.swapaxes(k, -1, -2)), -1)
+    t = unit_lower_inverse(a)
+    eye = np.eye(C)
+    assert np.max(np.abs(np.asarray(t) @ (eye + np.asarray(a)) - eye)) < 1e-4
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: (a[0][0],) + a[1:], "q must have rank 4"),
+    (lambda a: (a[0], a[1][:, :, :1]) + a[2:], "k must have shape"),
+    (lambda a: a[:2] + (a[2][:, :, :3],) + a[3:], "multiple of q's head count"),
+    (lambda a: a[:3] + (a[3][..., :1],) + a[4:], "g must have shape"),
+    (lambda a: a[:4] + (a[4][:, :5],) + a[5:], "beta must have shape"),
+    (lambda a: a[:5] + (a[5][:, :1],), "initial_state must have shape"),
+    (lambda a: (a[0].astype(jnp.int32),) + a[1:], "q must be a floating-point array"),
+])
+def test_bad_inputs_raise(mutate, match):
+    args = make_inputs(case_key("bad"))
+    with pytest.raises(ValueError, match=match):
+        gated_delta_rule(*mutate(args), backend="chunked")
+
+
+def test_bad_backend_and_chunk():
+    args = make_inputs(case_key("bad2"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gated_delta_rule(*args, backend="cuda")
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple of 16"):
+        gated_delta_rule(*args, backend="chunked", chunk_size=24)
+
+
+@pytest.mark.parametrize("use_delta", [True, False])
+def test_chunked_is_exact_in_float64(use_delta):
+    """In float64 the chunked algorithm and its gradients agree with the recurrence to rounding (1e-10):
+    the float32 differences above are rounding, not algorithm."""
+    from jax import enable_x64
+
+    with enable_x64():
+        args = [None if x is None else jnp.asarray(np.asarray(x), jnp.float64)
+                for x in make_inputs(case_key("f64", use_delta), T=45, decay="strong", beta_range="high")]
+        f = lambda backend: lambda *a: sum(jnp.sum(jnp.sin(x)) for x in gated_delta_rule(
+            *a, use_delta=use_delta, backend=backend, chunk_size=16))
+        assert_trees_close(jax.grad(f("chunked"), (0, 1, 2, 3, 4, 5))(*args),
+                           jax.grad(f("recurrent"), (0, 1, 2, 3, 4, 5))(*args), 1e-10, "f64 grad")
