@@ -91,22 +91,23 @@ class ChunkDecay:
 
 
 def chunk_decay(g) -> ChunkDecay:
-    """Within-chunk cumulative log decay by triangular-ones matmuls (no cumsum), masked BEFORE exp."""
+    """Within-chunk log decays by triangular-ones matmuls (no cumsum), masked BEFORE exp.
+
+    Every log decay is summed directly over its own range of g (never as a difference G_i - G_j of two
+    cumulative sums, which under strong decay, g ~ -10, cancels away float32 digits):
+    log D_ij = sum_{j < s <= i} g_s, log gamma_i = sum_{s <= i} g_s, log e_i = sum_{s > i} g_s.
+    """
     C = g.shape[0]
     rows, cols = _iotas(C)
     lower = rows >= cols
     strict = rows > cols
-    gb = jnp.broadcast_to(g, (C, C))  # gb[l, j] = g_l
-    # gi[i, j] = sum_{l <= i} g_l = G_i ;  gj[i, j] = sum_{l <= j} g_l = G_j   (exact f32 matmuls)
-    gi = dot(_as_f32(lower), gb)
-    gj = dot(jnp.ones((C, C), F32), jnp.where(rows <= cols, gb, 0.0))
-    diff = jnp.where(strict, gi - gj, 0.0)  # exactly 0 on the diagonal; nothing >= 0 reaches exp above it
-    decay = jnp.where(lower, jnp.exp(diff), 0.0)
-    G = _pick_column(gi, cols, 0)
-    G_last = _pick_column(gj, cols, C - 1)  # [C, 1], every entry G_C
-    gamma = jnp.exp(G)
-    e = jnp.exp(jnp.minimum(G_last - G, 0.0))  # G is non-increasing for g <= 0; clamp guards bad inputs
-    gl = jnp.exp(jnp.max(G_last, axis=0, keepdims=True))
+    lower_f = _as_f32(lower)
+    gb = jnp.broadcast_to(g, (C, C))  # gb[s, j] = g_s
+    log_d = dot(lower_f, jnp.where(strict, gb, 0.0))  # [i, j] = sum_s [s <= i][s > j] g_s  (0 for i <= j)
+    decay = jnp.where(lower, jnp.exp(jnp.where(strict, log_d, 0.0)), 0.0)
+    gamma = jnp.exp(_pick_column(dot(lower_f, gb), cols, 0))
+    e = jnp.exp(_pick_column(dot(_as_f32(rows < cols), gb), cols, 0))
+    gl = jnp.exp(jnp.sum(g, axis=0, keepdims=True))
     return ChunkDecay(lower, strict, rows, cols, decay, gamma, e, gl)
 
 
@@ -181,15 +182,21 @@ def chunk_forward(q, k, v, g, beta, state, *, use_delta: bool, precision=HIGHEST
 # Backward
 
 
-def _reverse_cumsum(x_col, z, dec: ChunkDecay):
-    """dg_j = sum_{i >= j} dG_i with dG = x_col - colsum(z) as a column, by matmuls (no cumsum, no transpose).
+def _log_decay_grads(z, c, t_e, dgl, dec: ChunkDecay):
+    """dg from the cotangents of the chunk's decays, each summed directly over the range of g it covers.
 
-    For U = triu(ones): U @ x = rowsum(U @ diag(x)) and U @ colsum(z) = rowsum(U @ z^T).
+    z [C, C]: cotangent of log D_ij (i > j), which covers g_s for j < s <= i;
+    c [C, 1]: cotangent of log gamma_i (covers s <= i);  t_e [C, 1]: of log e_i (covers s > i);
+    dgl [1, 1]: of log gl (covers every s). Returns dg [C, 1]. By matmuls: no cumsum, no transpose.
     """
-    C = x_col.shape[0]
-    upper = _as_f32(dec.rows <= dec.cols)
-    diag_x = jnp.where(dec.rows == dec.cols, jnp.broadcast_to(x_col, (C, C)), 0.0)
-    return rowsum(dot(upper, diag_x) - dot_nt(upper, z))
+    C = c.shape[0]
+    upper = _as_f32(dec.rows <= dec.cols)                      # upper[s, i] = [i >= s]
+    pairs = rowsum(jnp.where(dec.strict, dot(upper, z), 0.0))  # sum_{j < s} sum_{i >= s} z_ij
+    diag_c = jnp.where(dec.rows == dec.cols, jnp.broadcast_to(c, (C, C)), 0.0)
+    diag_e = jnp.where(dec.rows == dec.cols, jnp.broadcast_to(t_e, (C, C)), 0.0)
+    suffix = rowsum(dot(upper, diag_c))                        # sum_{i >= s} c_i
+    prefix = rowsum(dot(_as_f32(dec.strict), diag_e))          # sum_{i < s} t_e_i
+    return pairs + suffix + prefix + dgl
 
 
 def chunk_backward(q, k, v, g, beta, state, do, ds_next, *, use_delta: bool, precision=HIGHEST):
@@ -201,7 +208,6 @@ def chunk_backward(q, k, v, g, beta, state, do, ds_next, *, use_delta: bool, pre
     """
     x = _intermediates(q, k, v, g, beta, state, use_delta, precision, need_qk=True)
     dec = x.dec
-    C = g.shape[0]
     kdec = dec.e * k
     p = x.qk * dec.decay                                                   # tril(q k^T * D)
 
@@ -214,12 +220,11 @@ def chunk_backward(q, k, v, g, beta, state, do, ds_next, *, use_delta: bool, pre
     dkdec = dot_nt(x.v_new, ds_next, precision)                            # [C, Dk]
     dk = dot_tn(dpd, q, precision) + dec.e * dkdec
 
-    # dG contributions: a column part plus "rowsum(z) - colsum(z)" parts from the decay matrix.
-    t_e = rowsum(k * dkdec) * dec.e                                        # d/dG_i through e_i (sign -)
+    # Cotangents of the log decays (see _log_decay_grads): log e, log gl, log gamma, log D.
+    t_e = rowsum(k * dkdec) * dec.e
     dgl = jnp.sum(jnp.sum(state * ds_next, axis=1, keepdims=True), axis=0, keepdims=True) * dec.gl  # [1, 1]
-    dG_last = dgl + jnp.sum(t_e, axis=0, keepdims=True)                    # [1, 1], goes to G_C
-    dG_col = -t_e + dec.gamma * rowsum(qs * do) + jnp.where(lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1, dG_last, 0.0)
-    z = dpd * x.qk                                                         # dD * D on the lower triangle
+    c = dec.gamma * rowsum(qs * do)
+    z = dpd * x.qk                                                         # dD * D (lower triangle)
 
     if use_delta:
         dw = -dot_nt(dv_new, state, precision)                             # [C, Dk]
@@ -234,7 +239,7 @@ def chunk_backward(q, k, v, g, beta, state, do, ds_next, *, use_delta: bool, pre
         kdkg = rowsum(dkg * k)
         dbeta = rowsum(dvb * v) + dec.gamma * kdkg
         dk = dk + bg * dkg
-        dG_col = dG_col + bg * kdkg
+        c = c + bg * kdkg
         # dA = -T^T dT T^T on the strict lower triangle
         da = jnp.where(dec.strict, -dot_nt(dot_tn(x.t, dt, precision), x.t, precision), 0.0)
         dad = da * dec.decay
@@ -246,6 +251,5 @@ def chunk_backward(q, k, v, g, beta, state, do, ds_next, *, use_delta: bool, pre
         dv = beta * dv_new
         dbeta = rowsum(dv_new * v)
 
-    dG_col = dG_col + rowsum(z)
-    dg = _reverse_cumsum(dG_col, z, dec)
+    dg = _log_decay_grads(jnp.where(dec.strict, z, 0.0), c, t_e, dgl, dec)
     return dq, dk, dv, dg, dbeta, ds
