@@ -1,0 +1,201 @@
+"""Pallas flash attention (kernels/attention_pallas.py) in interpret mode against independent references.
+
+Forward: a float64 NumPy softmax. Gradients (q, k, v): float64 autodiff of a plain jnp softmax attention.
+Also: the masked-block skipping ranges cover exactly what the mask needs, and the kernel runs under shard_map.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import enable_x64
+
+from conftest import case_key, rel_err
+from sleepjax.kernels import attention, attention_pallas
+from sleepjax.kernels.attention_pallas import AttentionBlockSizes
+
+
+def make_qkv(key, B, T, H, Hkv, D, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(key, 3)
+    return (jax.random.normal(kq, (B, T, H, D)).astype(dtype), jax.random.normal(kk, (B, T, Hkv, D)).astype(dtype),
+            jax.random.normal(kv, (B, T, Hkv, D)).astype(dtype))
+
+
+def allowed(T, window):
+    i, j = np.indices((T, T))
+    m = j <= i
+    if window is not None:
+        m &= i - j < window
+    return m
+
+
+def numpy_attention(q, k, v, window):
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    B, T, H, D = q.shape
+    r = H // k.shape[2]
+    k, v = np.repeat(k, r, axis=2), np.repeat(v, r, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
+    s = np.where(allowed(T, window), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def float64_grads(q, k, v, window, cot):
+    with enable_x64():
+        q, k, v, cot = (jnp.asarray(np.asarray(jnp.asarray(x, jnp.float32)), jnp.float64) for x in (q, k, v, cot))
+        T, D = q.shape[1], q.shape[3]
+        mask = jnp.asarray(allowed(T, window))
+
+        def f(q, k, v):
+            r = q.shape[2] // k.shape[2]
+            kk, vv = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
+            s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, kk) / np.sqrt(D), -jnp.inf)
+            o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vv)
+            return jnp.sum(o * cot)
+
+        return [np.asarray(x) for x in jax.grad(f, (0, 1, 2))(q, k, v)]
+
+
+def run_kernel(q, k, v, cot, **kw):
+    def f(q, k, v):
+        o = attention_pallas.window_attention_pallas(q, k, v, interpret=True, **kw)
+        return jnp.sum(o.astype(jnp.float32) * cot), o
+
+    (_, o), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+    return o, grads
+
+
+B16 = AttentionBlockSizes(16, 16, 16, 16, 16, 16)
+MIXED = AttentionBlockSizes(block_q=16, block_k=32, block_q_dkv=32, block_k_dkv=16, block_q_dq=16, block_k_dq=32)
+
+# (platform, B, T, H, Hkv, D, window, dtype, block_sizes)
+CASES = [
+    ("gpu", 1, 40, 2, 1, 32, None, "float32", None),        # default blocks, one block
+    ("gpu", 1, 100, 4, 2, 16, 24, "float32", MIXED),        # sliding window, skipped blocks, mixed tiles
+    ("gpu", 2, 33, 2, 2, 8, 5, "float32", B16),             # head dim padded 8 -> 16
+    ("gpu", 1, 64, 4, 1, 32, 16, "bfloat16", B16),          # bf16, 4 query heads per KV head
+    ("gpu", 1, 50, 2, 2, 16, 1, "float32", B16),            # window 1: each query sees itself only
+    ("gpu", 1, 1, 1, 1, 16, None, "float32", None),         # one token
+    ("tpu", 1, 70, 2, 1, 16, 20, "float32", MIXED),         # TPU grid wrapper (band grid axis)
+    ("tpu", 1, 48, 2, 2, 32, None, "bfloat16", B16),
+]
+
+
+def _case_id(c):
+    return "{}-B{}-T{}-H{}kv{}-D{}-w{}-{}-{}".format(*c[:8], "mixed" if c[8] is MIXED else "b16" if c[8] else "dflt")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_references(case):
+    platform, B, T, H, Hkv, D, window, dtype, blocks = case
+    dtype = jnp.dtype(dtype)
+    key = case_key("pallas-attn", case)
+    q, k, v = make_qkv(key, B, T, H, Hkv, D, dtype)
+    cot = jax.random.normal(jax.random.fold_in(key, 1), (B, T, H, D)).astype(dtype).astype(jnp.float32)
+    o, grads = run_kernel(q, k, v, cot, sliding_window=window, platform=platform, block_sizes=blocks)
+    assert o.shape == q.shape and o.dtype == dtype
+    low = dtype == jnp.bfloat16
+    err = rel_err(o, numpy_attention(q, k, v, window))
+    assert err < (1e-2 if low else 1e-5), err
+    for name, a, e in zip("qkv", grads, float64_grads(q, k, v, window, cot)):
+        assert a.dtype == dtype
+        if np.max(np.abs(e)) < 1e-12:  # softmax over a single key (window 1, T = 1): dq = dk = 0 exactly
+            assert float(np.max(np.abs(np.asarray(a, np.float32)))) < 1e-5
+            continue
+        err = rel_err(a, e)
+        # bf16: probabilities and dS enter the matmuls in bf16 (as in every flash kernel)
+        assert err < (3e-2 if low else 1e-5), f"grad {name}: relative error {err:.3g}"
+
+
+def test_matches_xla_path_and_dot_product_attention():
+    q, k, v = make_qkv(case_key("pallas-attn-xla"), 1, 24, 2, 2, 16)
+    o = attention_pallas.window_attention_pallas(q, k, v, interpret=True, block_sizes=B16)
+    assert rel_err(o, attention.xla_window_attention(q, k, v)) < 1e-5
+    assert rel_err(o, jax.nn.dot_product_attention(q, k, v, is_causal=True)) < 1e-5
+    o_dispatch = attention.window_attention(q, k, v, sliding_window=7, backend="pallas")  # interpreted on CPU
+    assert rel_err(o_dispatch, attention.xla_window_attention(q, k, v, sliding_window=7)) < 1e-5
+
+
+@pytest.mark.parametrize("T,window,bq,bk", [(1024, 64, 64, 64), (300, 100, 32, 64), (77, None, 16, 32),
+                                            (129, 1, 64, 16), (50, 200, 16, 16)])
+def test_block_skipping_ranges(T, window, bq, bk):
+    """The key band of every query block (forward/dQ) and the query band of every key block (dK/dV) contain every
+    unmasked pair, and a sliding window keeps the bands narrow (cost ~ T * w, not T^2)."""
+    cfg = attention_pallas._Config(platform="gpu", interpret=True, scale=1.0, window=window, T=T, bq=bq, bk=bk,
+                                   bq_dkv=bq, bk_dkv=bk, bq_dq=bq, bk_dq=bk, num_warps=4, num_stages=2,
+                                   vmem_limit_bytes=None, precision="highest")
+    Tp = -(-T // max(bq, bk)) * max(bq, bk)
+    m = allowed(T, window)
+    visited_fwd = np.zeros((T, T), bool)
+    for qb in range(Tp // bq):
+        lo, hi = attention_pallas._key_range(qb * bq, bq, bk, cfg)
+        visited_fwd[qb * bq:(qb + 1) * bq, lo * bk:hi * bk] = True
+    visited_bwd = np.zeros((T, T), bool)
+    for kb in range(Tp // bk):
+        lo, hi = attention_pallas._query_range(kb * bk, bq, bk, cfg)
+        visited_bwd[lo * bq:hi * bq, kb * bk:(kb + 1) * bk] = True
+    assert np.all(visited_fwd[m]) and np.all(visited_bwd[m])
+    nk = attention_pallas._max_band(Tp // bq, bq, lambda s: attention_pallas._key_range(s, bq, bk, cfg))
+    nq = attention_pallas._max_band(Tp // bk, bk, lambda s: attention_pallas._query_range(s, bq, bk, cfg))
+    if window is not None and window < T:
+        assert nk <= (bq + window - 2) // bk + 2 and nq <= (bk + window - 2) // bq + 2
+    if (T, window, bq, bk) == (1024, 64, 64, 64):
+        assert nk == 2 and nq == 2  # 2 of 16 key blocks per query block
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_sizes=AttentionBlockSizes(block_q=24)), "block_sizes.block_q must be a power of two"),
+    (dict(block_sizes=AttentionBlockSizes(block_k_dq=8)), "block_sizes.block_k_dq must be a power of two"),
+    (dict(block_sizes=AttentionBlockSizes(precision="tf32")), "block_sizes.precision"),
+    (dict(block_sizes={"block_q": 64}), "block_sizes must be an AttentionBlockSizes"),
+    (dict(platform="metal"), "platform must be one of"),
+    (dict(platform="cpu", interpret=False), "interpret must be True"),
+    (dict(sliding_window=0), "sliding_window must be None or an int >= 1"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    q, k, v = make_qkv(case_key("pallas-attn-bad"), 1, 8, 2, 1, 16)
+    with pytest.raises(ValueError, match=match):
+        attention_pallas.window_attention_pallas(q, k, v, **kwargs)
+
+
+def test_bad_shapes_raise():
+    q, k, v = make_qkv(case_key("pallas-attn-bad-shape"), 1, 8, 3, 2, 16)
+    with pytest.raises(ValueError, match="multiple of k's head count"):
+        attention_pallas.window_attention_pallas(q, k, v, interpret=True)
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from sleepjax.kernels import attention, sharding
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = jax.random.normal(ks[0], (4, 24, 4, 16))
+    k = jax.random.normal(ks[1], (4, 24, 2, 16))
+    v = jax.random.normal(ks[2], (4, 24, 2, 16))
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", None, "model")))
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    ref = lambda *a: attention.xla_window_attention(*a, sliding_window=6)
+    for backend, kw in (("pallas", dict(interpret=True)), ("xla", {})):
+        f = sharding.sharded_window_attention(mesh, batch_axis="data", head_axis="model", backend=backend,
+                                              sliding_window=6, **kw)
+        o = jax.jit(f)(put(q), put(k), put(v))
+        assert o.sharding.spec == P("data", None, "model")
+        assert float(jnp.max(jnp.abs(o - ref(q, k, v)))) < 1e-5
+        grads = jax.jit(jax.grad(loss(f), (0, 1, 2)))(put(q), put(k), put(v))
+        for a, e in zip(grads, jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+            assert float(jnp.max(jnp.abs(a - e))) < 1e-4
+    print("SHARDED-OK")
+""")
+
+
+def test_sharded_mesh_runs_kernel_under_shard_map():
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "SHARDED-OK" in out.stdout, out.stderr[-3000:]
