@@ -75,3 +75,22 @@ def test_triton_export_needs_explicit_opt_in():
     make, args, _ = CASES["gdn-delta-d32-f32"]()
     with pytest.raises(ValueError, match="custom calls whose targets have no compatibility guarantees"):
         jax.export.export(jax.jit(make("gpu")), platforms=["cuda"])(*args)
+
+
+def test_bench_script_smoke(tmp_path):
+    """bench/kernels.py runs end to end on CPU (interpret mode) with tiny sizes and writes its JSON report."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--batch", "1", "--seq", "16", "--heads", "1", "--head-dim", "16", "--window", "8",
+                       "--iters", "1", "--warmup", "0", "--skip", "chunked,xla", "--json", str(out)])
+    assert {(r["kernel"], r["impl"], r["mode"]) for r in rows} == {
+        (k, "pallas", m) for k in ("gdn", "attention") for m in ("fwd", "fwd+bwd")}
+    assert all(r["ms"] > 0 and r["roofline"] > 0 for r in rows)
+    assert json.loads(out.read_text())["results"] == rows
