@@ -189,6 +189,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
         o = jax.jit(f)(put(q), put(k), put(v))
         assert o.sharding.spec == P("data", None, "model")
         assert float(jnp.max(jnp.abs(o - ref(q, k, v)))) < 1e-5
+        if backend != "pallas":
+            continue
         grads = jax.jit(jax.grad(loss(f), (0, 1, 2)))(put(q), put(k), put(v))
         for a, e in zip(grads, jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
             assert float(jnp.max(jnp.abs(a - e))) < 1e-4
