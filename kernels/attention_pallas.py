@@ -532,13 +532,19 @@ def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_s
                   bk_dkv=blocks["block_k_dkv"], bq_dq=blocks["block_q_dq"], bk_dq=blocks["block_k_dq"],
                   num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
                   vmem_limit_bytes=block_sizes.vmem_limit_bytes, precision=block_sizes.precision)
-    Tp = -(-T // max(blocks.values())) * max(blocks.values())
+    return _window_attention(cfg, -(-T // max(blocks.values())) * max(blocks.values()), q, k, v)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _window_attention(cfg: _Config, Tp: int, q, k, v):
+    """Pad (T -> Tp, D -> power of two >= 16), lay out, run the custom-VJP kernels, undo."""
+    T, D = q.shape[1], q.shape[3]
     Dp = max(16, _next_pow2(D))
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     qp, kp, vp = (jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))) for x in (q, k, v))
-    if wrapper == "tpu":
+    if cfg.platform == "tpu":
         qp, kp, vp = (jnp.swapaxes(x, 1, 2) for x in (qp, kp, vp))
     o = _attention_core(cfg, qp, kp, vp)
-    if wrapper == "tpu":
+    if cfg.platform == "tpu":
         o = jnp.swapaxes(o, 1, 2)
     return o[:, :T, :, :D]

@@ -116,12 +116,16 @@ def _substitute_unit_lower(a):
     """(I + a)^-1 for strictly lower-triangular a [..., b, b], by forward substitution over rows."""
     b = a.shape[-1]
     eye = jnp.eye(b, dtype=a.dtype)
-    t = jnp.broadcast_to(eye, a.shape)
-    for i in range(1, b):
+
+    def row(i, t):
         # a[i, j] = 0 for j >= i, so the product only reads the rows of t already final.
-        row = eye[i] - jnp.einsum("...j,...jk->...k", a[..., i, :], t)
-        t = t.at[..., i, :].set(row)
-    return t
+        a_row = jax.lax.dynamic_index_in_dim(a, i, axis=a.ndim - 2, keepdims=False)
+        new = jax.lax.dynamic_index_in_dim(eye, i, keepdims=False) - jnp.einsum("...j,...jk->...k", a_row, t)
+        return jax.lax.dynamic_update_index_in_dim(t, new, i, axis=a.ndim - 2)
+
+    # A loop, not an unrolled Python for: 16 unrolled row updates (and their transposes) made XLA compile
+    # the model's gradient several times slower.
+    return jax.lax.fori_loop(1, b, row, jnp.broadcast_to(eye, a.shape))
 
 
 def unit_lower_inverse(a):

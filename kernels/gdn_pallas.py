@@ -393,9 +393,16 @@ def resolve_platform(platform: str | None) -> str:
     raise ValueError(f"platform must be one of 'gpu', 'cuda', 'rocm', 'tpu', 'cpu' or None, got {platform!r}")
 
 
+def kernel_chunk_size(chunk_size: int) -> int:
+    """The chunk the kernels use for a requested chunk_size (any multiple of 16, as for the XLA path): the
+    largest power of two <= min(chunk_size, 128) (Triton tiles are powers of two; the result does not depend on
+    the chunk, only the speed does)."""
+    return min(128, 1 << (int(chunk_size).bit_length() - 1))
+
+
 def _validate(platform, chunk_size, block_sizes, dv_padded, backward):
-    if not isinstance(chunk_size, int) or chunk_size not in (16, 32, 64, 128):
-        raise ValueError(f"chunk_size must be one of 16, 32, 64, 128 for the Pallas kernels, got {chunk_size!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size % 16:
+        raise ValueError(f"chunk_size must be a positive multiple of 16, got {chunk_size!r}")
     if backward not in BACKWARDS:
         raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
     if block_sizes is None:
@@ -425,8 +432,9 @@ def gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, scale=None,
 
     platform: 'gpu'/'cuda'/'rocm' (Triton wrapper), 'tpu' (Mosaic wrapper), 'cpu' (the GPU wrapper, interpreted)
     or None (the default backend). interpret: run the kernels in Pallas interpret mode (default: True on a
-    CPU-only JAX, else False). chunk_size: 16, 32, 64 or 128 (short sequences use a smaller power-of-two chunk).
-    scale must be a Python number (it is baked into the kernel).
+    CPU-only JAX, else False). chunk_size: a multiple of 16; the kernels use ``kernel_chunk_size(chunk_size)``
+    (a power of two <= 128), and short sequences a smaller power-of-two chunk. scale must be a Python number
+    (it is baked into the kernel). block_sizes: ``GDNBlockSizes`` or None (platform defaults).
     """
     B, T, Hk, Hv, Dk, Dv = gdn._check_inputs(q, k, v, g, beta, initial_state)
     wrapper = resolve_platform(platform)
@@ -434,19 +442,27 @@ def gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, scale=None,
         interpret = jax.default_backend() == "cpu"
     if platform == "cpu" and not interpret:
         raise ValueError("interpret must be True (or None) when platform='cpu': Pallas only interprets on CPU")
-    Dkp, Dvp = _pad_dim(Dk), _pad_dim(Dv)
-    block_sizes, bv = _validate(wrapper, chunk_size, block_sizes, Dvp, backward)
+    block_sizes, bv = _validate(wrapper, chunk_size, block_sizes, _pad_dim(Dv), backward)
     try:
         scale = float(Dk**-0.5 if scale is None else scale)
     except TypeError as e:
         raise ValueError(f"scale must be a Python number for the Pallas kernels, got {scale!r}") from e
-    C = min(chunk_size, max(16, _next_pow2(T)))
-    n = -(-T // C)
-    Tp = n * C
+    C = min(kernel_chunk_size(chunk_size), max(16, _next_pow2(T)))
     cfg = _Config(platform=wrapper, interpret=bool(interpret), use_delta=bool(use_delta), scale=scale, chunk=C,
                   block_v=bv, num_warps=block_sizes.num_warps, num_warps_bwd=block_sizes.num_warps_bwd,
                   num_stages=block_sizes.num_stages, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
                   precision=block_sizes.precision, backward=backward)
+    return _gated_delta_rule(cfg, q, k, v, g, beta, initial_state)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gated_delta_rule(cfg: _Config, q, k, v, g, beta, initial_state):
+    """Pad (T -> chunks, head dims -> powers of two >= 16), lay out, run the custom-VJP kernels, undo."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    Dkp, Dvp = _pad_dim(Dk), _pad_dim(Dv)
+    Tp = -(-T // cfg.chunk) * cfg.chunk
+    wrapper = cfg.platform
 
     def pad(x, d):  # [B, T, H, D] -> [B, Tp, H, d]
         return jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, d - x.shape[-1])))

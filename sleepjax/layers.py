@@ -119,10 +119,14 @@ def gdn_output(p, o, x, cfg: ModelConfig):
     return dense((o * gate).reshape(o.shape[:-2] + (-1,)), p["wo"])
 
 
-def gdn_window(p, x, state, cfg: ModelConfig):
-    """One window. x [B, T, d]; state [B, Hv, Dk, Dv] -> ([B, T, d], new state)."""
+def gdn_window(p, x, state, cfg: ModelConfig, valid=None):
+    """One window. x [B, T, d]; state [B, Hv, Dk, Dv] -> ([B, T, d], new state). ``valid`` [T] bool:
+    at False (padding) positions g = beta = 0, so the fast weights are left exactly as they were."""
     conv_out = causal_conv(dense(x, p["w_qkv"]), p["conv"])
     q, k, v, g, beta = gdn_heads(p, conv_out, x, cfg)
+    if valid is not None:
+        g = jnp.where(valid[:, None], g, 0.0)
+        beta = jnp.where(valid[:, None], beta, 0.0)
     o, state = gated_delta_rule(q, k, v, g, beta, state, use_delta=cfg.ssm_rule == "delta",
                                 chunk_size=cfg.chunk_size, backend=cfg.gdn_backend)
     return gdn_output(p, o, x, cfg), state

@@ -7,6 +7,7 @@ S the previous pass ended with; a supervised (wake) window runs it once.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -128,7 +129,8 @@ def check_tokens(name: str, tokens, cfg: ModelConfig, rank: int, layout: str) ->
     if tokens.ndim != rank:
         raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(tokens.shape)}")
     if _is_concrete(tokens) and tokens.size:
-        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        values = np.asarray(tokens)  # concrete: checked on the host, nothing is staged into a trace
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"{name} ids must lie in [0, vocab_size={cfg.vocab_size}), got range [{lo}, {hi}]")
 
@@ -163,8 +165,9 @@ def unembed(params: Params, h):
     return layers.rms_norm(h, params.final_norm, cfg.norm_eps).astype(jnp.float32) @ params.unembed
 
 
-def blocks_pass(params: Params, h, state: FastWeights):
-    """One pass of the whole stack over a window. h [B, T, d] -> (h, state)."""
+def blocks_pass(params: Params, h, state: FastWeights, valid=None):
+    """One pass of the whole stack over a window. h [B, T, d] -> (h, state). ``valid`` [T] bool marks real
+    tokens; padding (False) leaves the fast weights untouched."""
     cfg = params.config
     new_state, gdn_index = [], 0
     for kind, p in zip(cfg.layers, params.layers):
@@ -172,23 +175,29 @@ def blocks_pass(params: Params, h, state: FastWeights):
         if kind == "attn":
             h = h + layers.attention_window(p, x, cfg)
         else:
-            out, s = layers.gdn_window(p, x, state[gdn_index], cfg)
+            out, s = layers.gdn_window(p, x, state[gdn_index], cfg, valid)
             h, gdn_index = h + out, gdn_index + 1
             new_state.append(s)
         h = h + layers.mlp(p["mlp"], layers.rms_norm(h, p["norm2"], cfg.norm_eps))
     return h, tuple(new_state)
 
 
-def run_passes(params: Params, h, state: FastWeights, n: int):
-    """``n`` passes as a ``lax.scan`` (compile time stays flat in n). Returns the last pass's (h, state)."""
-    step = blocks_pass
+def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, valid=None):
+    """``n`` passes as a ``lax.scan`` (compile time stays flat in n). Returns the last pass's (h, state).
+
+    ``active`` (traced int32, optional): only the first ``active`` passes run, the rest pass the carry through.
+    One scan then serves both wake (active = 1) and sleep (active = n), so the block stack is compiled once.
+    """
+    step = functools.partial(blocks_pass, valid=valid)
     if params.config.remat in ("pass", "both"):
-        step = jax.checkpoint(blocks_pass)
+        step = jax.checkpoint(step)
 
-    def body(carry, _):
-        return step(params, *carry), None
+    def body(carry, i):
+        if active is None:
+            return step(params, *carry), None
+        return jax.lax.cond(i < active, lambda c: step(params, *c), lambda c: c, carry), None
 
-    (h, state), _ = jax.lax.scan(body, (h, state), None, length=n)
+    (h, state), _ = jax.lax.scan(body, (h, state), jnp.arange(n))
     return h, state
 
 
@@ -208,16 +217,11 @@ def consolidate(params: Params, state: FastWeights, ctx, *, n: int | None = None
     return state
 
 
-def _window(params: Params, state: FastWeights, tokens, loss_mask):
+def _window(params: Params, state: FastWeights, tokens, loss_mask, valid):
     """Algorithm 1 on one window: sleep (N passes) if no position is supervised, else wake (one pass)."""
     cfg = params.config
-    h = embed(params, tokens)
-    if cfg.sleep_n == 1:
-        h, state = run_passes(params, h, state, 1)
-    else:
-        h, state = jax.lax.cond(jnp.any(loss_mask),
-                                lambda: run_passes(params, h, state, 1),
-                                lambda: run_passes(params, h, state, cfg.sleep_n))
+    active = None if cfg.sleep_n == 1 else jnp.where(jnp.any(loss_mask), 1, cfg.sleep_n)
+    h, state = run_passes(params, embed(params, tokens), state, cfg.sleep_n, active=active, valid=valid)
     return state, unembed(params, h)
 
 
@@ -240,20 +244,22 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     if cfg.remat in ("window", "both"):
         window_fn = jax.checkpoint(_window)
 
+    # A short last window is padded to a full one: attention and the conv are causal, and padded tokens leave
+    # the fast weights untouched, so real positions are unaffected; every window then shares one compiled body.
     L = cfg.window
-    full, rest = divmod(T, L)
-    logits = []
-    if full:
-        def body(s, xs):
-            return window_fn(params, s, *xs)
+    num_windows = -(-T // L)
+    pad = num_windows * L - T
+    tokens = jnp.pad(jnp.asarray(tokens, jnp.int32), ((0, 0), (0, pad)))
+    loss_mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, pad)))
+    valid = jnp.arange(num_windows * L) < T
+    windows = (tokens.reshape(B, num_windows, L).swapaxes(0, 1), loss_mask.reshape(B, num_windows, L).swapaxes(0, 1),
+               valid.reshape(num_windows, L))
 
-        windows = [x[:, :full * L].reshape(B, full, L).swapaxes(0, 1) for x in (tokens, loss_mask)]
-        state, out = jax.lax.scan(body, state, windows)  # out [full, B, L, V]
-        logits.append(out.swapaxes(0, 1).reshape(B, full * L, -1))
-    if rest:
-        state, out = window_fn(params, state, tokens[:, full * L:], loss_mask[:, full * L:])
-        logits.append(out)
-    logits = jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]
+    def body(s, xs):
+        return window_fn(params, s, *xs)
+
+    state, logits = jax.lax.scan(body, state, windows)  # logits [num_windows, B, L, V]
+    logits = logits.swapaxes(0, 1).reshape(B, num_windows * L, -1)[:, :T]
     return (logits, state) if return_state else logits
 
 

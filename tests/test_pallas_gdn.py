@@ -169,7 +169,7 @@ def test_chunk_math_inverse_is_substitution_accurate():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(chunk_size=48), "chunk_size must be one of"),
+    (dict(chunk_size=24), "chunk_size must be a positive multiple of 16"),
     (dict(block_sizes=GDNBlockSizes(block_v=24)), "block_sizes.block_v must be a power of two"),
     (dict(block_sizes=GDNBlockSizes(block_v=64)), "block_sizes.block_v must be a power of two"),  # Dv = 32
     (dict(block_sizes=GDNBlockSizes(block_v=16), platform="tpu"), "block_v on TPU"),
@@ -191,6 +191,11 @@ def test_bad_shapes_raise_before_any_kernel():
         gdn_pallas.gated_delta_rule_pallas(q, k, v[:, :, :1], g[:, :, :1], beta[:, :, :1], None, interpret=True)
     with pytest.raises(ValueError, match="initial_state must have shape"):
         gdn_pallas.gated_delta_rule_pallas(q, k, v, g, beta, s0[:, :1], interpret=True)
+
+
+def test_kernel_chunk_size():
+    assert [gdn_pallas.kernel_chunk_size(c) for c in (16, 32, 48, 64, 80, 96, 128, 256)] == [
+        16, 32, 32, 64, 64, 64, 128, 128]
 
 
 def test_block_sizes_dataclass():
