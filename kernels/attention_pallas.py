@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from . import attention
+from .gdn_pallas import resolve_interpret
 
 F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity" for masked scores and the initial running max
@@ -69,7 +71,7 @@ _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq
 @dataclasses.dataclass(frozen=True)
 class _Config:
     platform: str
-    interpret: bool
+    interpret: Any  # bool, or pltpu.InterpretParams (TPU wrapper)
     scale: float
     window: int | None
     T: int            # true sequence length (keys at positions >= T are padding)
@@ -511,15 +513,13 @@ def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_s
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] (H % Hkv == 0). Returns [B, T, H, D] in q's dtype; differentiable in
     q, k, v (custom VJP with Pallas backward kernels). platform: 'gpu'/'cuda'/'rocm' (Triton), 'tpu' (Mosaic),
-    'cpu' (GPU wrapper, interpreted) or None (default backend); interpret defaults to True on a CPU-only JAX.
+    'cpu' (GPU wrapper, interpreted) or None (default backend); interpret defaults to True on a CPU-only JAX
+    (a ``pltpu.InterpretParams`` selects the TPU-faithful interpreter for the TPU wrapper).
     scale must be a Python number.
     """
     attention._check_inputs(q, k, v, sliding_window)
     wrapper = resolve_platform(platform)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if platform == "cpu" and not interpret:
-        raise ValueError("interpret must be True (or None) when platform='cpu': Pallas only interprets on CPU")
+    interpret = resolve_interpret(interpret, wrapper, platform)
     B, T, H, D = q.shape
     try:
         scale = float(D**-0.5 if scale is None else scale)
@@ -527,7 +527,7 @@ def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_s
         raise ValueError(f"scale must be a Python number for the Pallas kernels, got {scale!r}") from e
     block_sizes, blocks = _resolve_blocks(wrapper, block_sizes, T)
     window = None if sliding_window is None or sliding_window >= T else int(sliding_window)
-    cfg = _Config(platform=wrapper, interpret=bool(interpret), scale=scale, window=window, T=T,
+    cfg = _Config(platform=wrapper, interpret=interpret, scale=scale, window=window, T=T,
                   bq=blocks["block_q"], bk=blocks["block_k"], bq_dkv=blocks["block_q_dkv"],
                   bk_dkv=blocks["block_k_dkv"], bq_dq=blocks["block_q_dq"], bk_dq=blocks["block_k_dq"],
                   num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,

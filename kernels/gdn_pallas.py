@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,7 @@ class _Config:
     """Static (hashable) configuration of one call, after validation."""
 
     platform: str
-    interpret: bool
+    interpret: Any  # bool, or pltpu.InterpretParams (TPU wrapper)
     use_delta: bool
     scale: float
     chunk: int
@@ -393,6 +394,22 @@ def resolve_platform(platform: str | None) -> str:
     raise ValueError(f"platform must be one of 'gpu', 'cuda', 'rocm', 'tpu', 'cpu' or None, got {platform!r}")
 
 
+def resolve_interpret(interpret, wrapper: str, platform: str | None):
+    """None -> True on a CPU-only JAX, else False. A ``pltpu.InterpretParams`` (the TPU-faithful interpreter:
+    uninitialised-memory poisoning, race detection) is accepted for the TPU wrapper."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if isinstance(interpret, pltpu.InterpretParams):
+        if wrapper != "tpu":
+            raise ValueError("interpret=pltpu.InterpretParams(...) needs platform='tpu' (the TPU wrapper)")
+        return interpret
+    if not isinstance(interpret, bool):
+        raise ValueError(f"interpret must be None, a bool or a pltpu.InterpretParams, got {interpret!r}")
+    if platform == "cpu" and not interpret:
+        raise ValueError("interpret must be True (or None) when platform='cpu': Pallas only interprets on CPU")
+    return interpret
+
+
 def kernel_chunk_size(chunk_size: int) -> int:
     """The chunk the kernels use for a requested chunk_size (any multiple of 16, as for the XLA path): the
     largest power of two <= min(chunk_size, 128) (Triton tiles are powers of two; the result does not depend on
@@ -432,23 +449,20 @@ def gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, scale=None,
 
     platform: 'gpu'/'cuda'/'rocm' (Triton wrapper), 'tpu' (Mosaic wrapper), 'cpu' (the GPU wrapper, interpreted)
     or None (the default backend). interpret: run the kernels in Pallas interpret mode (default: True on a
-    CPU-only JAX, else False). chunk_size: a multiple of 16; the kernels use ``kernel_chunk_size(chunk_size)``
+    CPU-only JAX, else False; a ``pltpu.InterpretParams`` selects the TPU-faithful interpreter). chunk_size: a multiple of 16; the kernels use ``kernel_chunk_size(chunk_size)``
     (a power of two <= 128), and short sequences a smaller power-of-two chunk. scale must be a Python number
     (it is baked into the kernel). block_sizes: ``GDNBlockSizes`` or None (platform defaults).
     """
     B, T, Hk, Hv, Dk, Dv = gdn._check_inputs(q, k, v, g, beta, initial_state)
     wrapper = resolve_platform(platform)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if platform == "cpu" and not interpret:
-        raise ValueError("interpret must be True (or None) when platform='cpu': Pallas only interprets on CPU")
+    interpret = resolve_interpret(interpret, wrapper, platform)
     block_sizes, bv = _validate(wrapper, chunk_size, block_sizes, _pad_dim(Dv), backward)
     try:
         scale = float(Dk**-0.5 if scale is None else scale)
     except TypeError as e:
         raise ValueError(f"scale must be a Python number for the Pallas kernels, got {scale!r}") from e
     C = min(kernel_chunk_size(chunk_size), max(16, _next_pow2(T)))
-    cfg = _Config(platform=wrapper, interpret=bool(interpret), use_delta=bool(use_delta), scale=scale, chunk=C,
+    cfg = _Config(platform=wrapper, interpret=interpret, use_delta=bool(use_delta), scale=scale, chunk=C,
                   block_v=bv, num_warps=block_sizes.num_warps, num_warps_bwd=block_sizes.num_warps_bwd,
                   num_stages=block_sizes.num_stages, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
                   precision=block_sizes.precision, backward=backward)

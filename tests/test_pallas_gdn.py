@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import enable_x64
+from jax.experimental.pallas import tpu as pltpu
 
 from conftest import case_key, rel_err
 from sleepjax.kernels import gdn, gdn_pallas
@@ -68,11 +69,17 @@ def float64_grads(args, use_delta, o_cot, s_cot, argnums):
         return [np.asarray(x) for x in jax.grad(f, argnums)(*a64)]
 
 
+def interpreter(platform):
+    """TPU wrapper: the TPU-faithful interpreter, with uninitialised buffers poisoned by NaN (catches a read of
+    scratch or output blocks before they are written). GPU wrapper: the generic interpreter."""
+    return pltpu.InterpretParams(uninitialized_memory="nan") if platform == "tpu" else True
+
+
 def run_kernel(args, argnums, o_cot, s_cot, **kw):
     """(o, final_state, grads) of the Pallas kernel, forward and backward in one jitted call."""
 
     def f(*a):
-        o, s = gdn_pallas.gated_delta_rule_pallas(*a, interpret=True, **kw)
+        o, s = gdn_pallas.gated_delta_rule_pallas(*a, **{"interpret": True, **kw})
         return jnp.sum(o.astype(jnp.float32) * o_cot) + jnp.sum(s * s_cot), (o, s)
 
     (_, (o, s)), grads = jax.jit(jax.value_and_grad(f, argnums, has_aux=True))(*args)
@@ -112,7 +119,7 @@ def test_kernel_matches_references(case):
     o_cot = jax.random.normal(k1, (1, T, Hv, Dv)).astype(dtype).astype(jnp.float32)  # the cotangent o receives
     s_cot = jax.random.normal(k2, (1, Hv, Dk, Dv))
     argnums = (0, 1, 2, 3, 4, 5) if with_state else (0, 1, 2, 3, 4)
-    o, s, grads = run_kernel(args, argnums, o_cot, s_cot, use_delta=use_delta, chunk_size=C, platform=platform,
+    o, s, grads = run_kernel(args, argnums, o_cot, s_cot, use_delta=use_delta, chunk_size=C, platform=platform, interpret=interpreter(platform),
                              block_sizes=GDNBlockSizes(block_v=block_v))
 
     assert o.shape == (1, T, Hv, Dv) and o.dtype == dtype
@@ -178,6 +185,8 @@ def test_chunk_math_inverse_is_substitution_accurate():
     (dict(platform="metal"), "platform must be one of"),
     (dict(platform="cpu", interpret=False), "interpret must be True"),
     (dict(backward="numpy"), "backward must be one of"),
+    (dict(interpret=pltpu.InterpretParams(), platform="gpu"), "needs platform='tpu'"),
+    (dict(interpret="yes"), "interpret must be None, a bool"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     args = make_inputs(case_key("pallas-bad"), B=1, T=8, Hk=1, Hv=1, Dk=16, Dv=32)
