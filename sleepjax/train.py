@@ -1,0 +1,287 @@
+"""Training: a pure, jitted train step and a plain loop around it (checkpoints, evaluation, logs).
+
+Batches are a pure function of (seed, step), so a run killed at any moment and started again with the same
+workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+
+from sleepjax import model as model_lib
+from sleepjax import optim, sharding
+from sleepjax.config import ModelConfig
+from sleepjax.evaluate import evaluate
+from sleepjax.metrics_log import MetricsLog, Throughput, format_duration
+from sleepjax.tasks import Task
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``eval_seed`` names the held-out stream (test split) scored every ``eval_every`` steps."""
+
+    steps: int = 2000
+    batch_size: int = 64
+    seed: int = 0
+    optimizer: str = "muon"
+    muon_lr: float = 2e-3
+    adam_lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    final_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_size: int = 512
+    eval_batch_size: int = 256
+    eval_seed: int = 10_000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    mesh: str = ""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("muon_lr", "adam_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {optim.OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ValueError(f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: model_lib.Params
+    opt_state: Any
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optim.make_optimizer(name=cfg.optimizer, total_steps=cfg.steps, muon_lr=cfg.muon_lr, adam_lr=cfg.adam_lr,
+                                warmup_steps=cfg.warmup_steps, schedule_kind=cfg.lr_schedule,
+                                final_lr_fraction=cfg.final_lr_fraction, weight_decay=cfg.weight_decay,
+                                grad_clip=cfg.grad_clip or None)
+
+
+def init_train_state(model_cfg: ModelConfig, cfg: TrainConfig, tx) -> TrainState:
+    params = model_lib.init(model_cfg, jax.random.PRNGKey(cfg.seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict, *, tx) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` (tokens, loss_mask). Pure: returns the new state and metrics."""
+    (_, metrics), grads = jax.value_and_grad(model_lib.loss, has_aux=True)(
+        state.params, batch["tokens"], batch["loss_mask"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates the workdir and proves it writable before any work starts."""
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"workdir {str(path)!r} is not writable: {e}") from None
+    return path
+
+
+def _run_description(task: Task, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+    return {"task": task.name, "task_options": getattr(task, "options", {}), "model": dataclasses.asdict(model_cfg),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mesh",)}}
+
+
+def _check_same_run(workdir: Path, description: dict) -> None:
+    """A workdir holds one run: resuming with other settings would silently mix two experiments."""
+    path = workdir / "config.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(description)):
+            diff = sorted(_diff_keys(saved, json.loads(json.dumps(description))))
+            raise ValueError(f"workdir {str(workdir)!r} holds a run with other settings ({', '.join(diff)}); "
+                             f"use a fresh --workdir or the same settings to resume")
+    else:
+        path.write_text(json.dumps(description, indent=2))
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+class Prefetcher:
+    """Builds batch ``step + 1`` on a thread while step ``step`` trains. Batches stay a function of the step."""
+
+    def __init__(self, make_batch):
+        self._make = make_batch
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending: dict[int, concurrent.futures.Future] = {}
+
+    def get(self, step: int):
+        future = self._pending.pop(step, None) or self._pool.submit(self._make, step)
+        self._pending[step + 1] = self._pool.submit(self._make, step + 1)
+        return future.result()
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | os.PathLike, *,
+          log_enabled: bool = True) -> dict:
+    """Trains ``model_cfg`` on ``task``; resumes from ``workdir``'s latest checkpoint if there is one.
+
+    Writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``results.json`` in workdir and
+    returns the results dict. Raises FloatingPointError (naming the step) if the loss stops being finite.
+    """
+    if model_cfg.vocab_size != task.vocab_size:
+        raise ValueError(f"model vocab_size ({model_cfg.vocab_size}) must equal the task's ({task.vocab_size})")
+    workdir = check_workdir(workdir)
+    mesh = sharding.make_mesh(cfg.mesh)
+    shards = sharding.batch_size_per_shard(mesh)
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(cfg, name) % shards:
+            raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the data x fsdp mesh size "
+                             f"({shards})")
+    _check_same_run(workdir, _run_description(task, model_cfg, cfg))
+
+    tx = make_optimizer(cfg)
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
+    state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(functools.partial(train_step, tx=tx), in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
+    start = manager.latest_step()
+    if start is None:
+        state = jax.device_put(init_train_state(model_cfg, cfg, tx), state_sharding)
+        start = 0
+    else:
+        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        abstract, state_sharding)
+        state = manager.restore(start, args=ocp.args.StandardRestore(target))
+    log = MetricsLog(workdir, resume_step=start, enabled=log_enabled and jax.process_index() == 0)
+    if start:
+        log.line(f"resumed from the checkpoint at step {start} in {workdir}", final=True)
+
+    eval_batches = task.eval_set(cfg.eval_seed, cfg.eval_size, cfg.eval_batch_size)
+    tokens_per_seq = task.seq_len
+    prefetch = Prefetcher(lambda step: task.batch(cfg.seed, step, cfg.batch_size))
+    rate, t_run, t_train, train_steps_timed = Throughput(), time.perf_counter(), 0.0, 0
+    last_eval: dict = {}
+    history_sum: dict[str, float] = {}
+
+    def run_eval(step):
+        nonlocal last_eval
+        last_eval = evaluate(state.params, eval_batches, num_items=task.num_items,
+                             difficulty_name=task.difficulty_name)
+        log.write(step, "eval", {**last_eval, "sequences": step * cfg.batch_size,
+                                 "tokens": step * cfg.batch_size * tokens_per_seq})
+        log.line(f"eval @ {step}: exact {last_eval['exact']:.3f}  loss {last_eval['loss']:.4f}  " +
+                 "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in last_eval.items() if k.startswith("exact/")),
+                 final=True)
+
+    try:
+        for step in range(start, cfg.steps):
+            batch = prefetch.get(step)
+            batch = jax.device_put({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]}, batch_sharding)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            loss = float(metrics["loss"])  # one host sync per step: a non-finite loss stops the run right here
+            if step > start:  # the first step of a process includes compilation
+                t_train += time.perf_counter() - t0
+                train_steps_timed += 1
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step + 1}: stopping. The last good checkpoint "
+                    f"(step {manager.latest_step()}) is kept in {workdir / 'checkpoints'}")
+            done = step + 1
+            for key, value in metrics.items():
+                history_sum[key] = history_sum.get(key, 0.0) + float(value)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                n = done - max(start, done - cfg.log_every) or 1
+                steps_per_s = rate.tick(n)
+                row = {k: v / n for k, v in history_sum.items()}
+                history_sum.clear()
+                row.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * cfg.batch_size * tokens_per_seq,
+                           sequences=done * cfg.batch_size, tokens=done * cfg.batch_size * tokens_per_seq,
+                           elapsed_s=time.perf_counter() - t_run)
+                log.write(done, "train", row)
+                eta = (cfg.steps - done) / max(steps_per_s, 1e-9)
+                log.line(f"step {done}/{cfg.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
+                         f"{row['tokens_per_s'] / 1e3:.1f}k tok/s  ETA {format_duration(eta)}  "
+                         f"(eval exact {last_eval.get('exact', float('nan')):.3f})")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                run_eval(done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                manager.save(done, args=ocp.args.StandardSave(state))
+        if not last_eval:  # resumed a finished run: score it again for the results
+            run_eval(int(state.step))
+    finally:
+        prefetch.close()
+        manager.wait_until_finished()
+        manager.close()
+        log.close()
+
+    results = {
+        "task": task.name, "sleep_n": model_cfg.sleep_n, "seed": cfg.seed, "steps": int(state.step),
+        "sequences": int(state.step) * cfg.batch_size, "tokens": int(state.step) * cfg.batch_size * tokens_per_seq,
+        "num_params": model_lib.num_params(state.params), "difficulty_name": task.difficulty_name,
+        "seconds_per_step": t_train / train_steps_timed if train_steps_timed else None,
+        "wall_clock_s": time.perf_counter() - t_run, "final_eval": last_eval,
+        "devices": jax.device_count(), "mesh": dict(mesh.shape),
+    }
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def load_params(workdir: str | os.PathLike, model_cfg: ModelConfig, cfg: TrainConfig, step: int | None = None):
+    """The parameters of a run's checkpoint (latest by default)."""
+    tx = make_optimizer(cfg)
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
+    with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints") as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"no checkpoint in {workdir}")
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract)).params
+
+
