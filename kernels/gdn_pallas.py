@@ -19,6 +19,15 @@ partial sums over value tiles (and value heads of a key-head group) and are redu
 Shapes: any T (padded to the chunk with g = beta = k = 0, which leaves the state untouched); head dims are padded
 with zeros to a power of two >= 16 (Triton needs powers of two and dot dims >= 16; zeros are exact no-ops).
 Decoding uses ``gdn.gated_delta_rule_step`` (XLA): one token reads and writes S once, a kernel would not help.
+
+Performance notes (unmeasured: no GPU/TPU was available while writing this). The GPU wrapper runs
+B * Hv * (Dv / block_v) programs, each walking all chunks; at B=1, Hv=16, Dv=128, block_v=64 that is 32 programs
+for 132 H100 SMs, and the chunk-local work ((I + A)^-1, W, U: ~20 C^3 + several C^2 D flops per chunk) sits on
+that sequential path. If profiling shows it compute/latency bound, the next step is the split used by
+flash-linear-attention: a chunk-parallel kernel for (I + A)^-1, W, U (written to HBM, k- and v-sized), leaving
+only V_new = U - W S, the output and the state update in the sequential loop; and a chunk-parallel gradient
+kernel fed by stored per-chunk dS. ``GDNBlockSizes.precision="default"`` (TF32 on GPU) speeds up the head-dim
+matmuls; the decay and inverse matmuls stay exact float32.
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ class GDNBlockSizes:
 
     block_v: int | None = None
     num_warps: int = 4
-    num_warps_bwd: int = 4
+    num_warps_bwd: int = 8
     num_stages: int = 1
     vmem_limit_bytes: int | None = None
     precision: str = "highest"
