@@ -10,10 +10,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jax.experimental.pallas import triton as pltriton
+
 from sleepjax.kernels import attention_pallas, gdn_pallas
 
-# The Pallas Triton custom call has no export-compatibility guarantee: allow it explicitly.
-TRITON_TARGET = "__gpu$xla.gpu.triton"
+# The Pallas Triton custom call has no export-compatibility guarantee: allow it explicitly (JAX >= 0.11 exports
+# its name as pltriton.CUSTOM_CALL_TARGET_NAME).
+TRITON_TARGET = getattr(pltriton, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
 DISABLED = [jax.export.DisabledSafetyCheck.custom_call(TRITON_TARGET)]
 TARGETS = {"cuda": TRITON_TARGET, "tpu": "tpu_custom_call"}
 S = jax.ShapeDtypeStruct
