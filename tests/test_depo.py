@@ -130,7 +130,8 @@ def test_preset_layouts():
     assert paper.test_hops == (1, 2, 4, 8, 16)
     cpu = Depo(preset="cpu")
     assert (cpu.seq_len, cpu.window, cpu.context_len, cpu.num_items) == (88, 24, 24, 16)
-    assert cpu.test_hops == (1, 2, 4)
+    assert cpu.test_hops == (1, 2, 3, 4)
+    assert Depo(preset="cpu", test_hops="powers").test_hops == (1, 2, 4)
     ex = cpu.example(0, 0)
     assert "PAD" not in cpu.decode(ex.tokens[:24]).split()  # 8 edges `src dst SEP` fill the window exactly
     assert ex.meta["n"] == 8 and set(ex.meta["difficulty"]) <= {1, 2, 3, 4}
@@ -195,6 +196,7 @@ def test_weighted_train_n_distribution():
     (dict(sep=1), "sep"),
     (dict(bos="no"), "bos"),
     (dict(train_n="log"), "train_n"),
+    (dict(test_hops="some"), "test_hops"),
     (dict(preset="nope"), "preset"),
 ])
 def test_bad_options(options, name):

@@ -10,6 +10,7 @@ import numpy as np
 from sleepjax.tasks.base import Example, Task, example_rng
 
 TRAIN_N = ("weighted", "uniform")
+TEST_HOPS = ("powers", "all")
 SPECIALS = ("PAD", "BOS", "SEP", "ANS")
 
 
@@ -17,8 +18,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def held_out_hops(max_hops: int) -> tuple[int, ...]:
-    """The hop counts the test split cycles through: the powers of two up to K, plus K itself."""
+def held_out_hops(max_hops: int, which: str = "powers") -> tuple[int, ...]:
+    """The hop counts the test split cycles through: the powers of two up to K, plus K itself ("powers", the
+    paper's), or every k in 1..K ("all", for small K)."""
+    if which == "all":
+        return tuple(range(1, max_hops + 1))
     powers = [2**i for i in range(max_hops.bit_length()) if 2**i <= max_hops]
     return tuple(powers + ([max_hops] if max_hops not in powers else []))
 
@@ -42,30 +46,31 @@ class Depo(Task):
     Supervision: loss on the position predicting ANS (the query word's last token) and on the positions predicting
     each answer token; item j = the latter only (exact answer-word accuracy of question j); difficulty[j] = k.
     Train: n from ``train_n`` over {min_nodes..max_nodes} ("weighted": P(n=i) proportional to 1/(i + sqrt(N))),
-    k ~ Uniform{1..K}. Test: n = N, and k cycles through ``held_out_hops(K)`` by global question number, so every
+    k ~ Uniform{1..K}. Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
     test k gets an equal share of a run of examples.
     """
 
     DEFAULTS: Mapping[str, Any] = dict(
         max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
-        window=75, context_len=300, sep=False, bos=False, train_n="weighted")
+        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers")
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "paper": dict(DEFAULTS),
         # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
         "cpu": dict(max_nodes=8, min_nodes=8, max_hops=4, alphabet=32, word_len_min=1, word_len_max=1,
-                    questions=16, window=24, context_len=24, sep=True, bos=False, train_n="uniform"),
+                    questions=16, window=24, context_len=24, sep=True, bos=False, train_n="uniform",
+                    test_hops="all"),
     }
 
     def __init__(self, *, max_nodes: int | None = None, min_nodes: int | None = None, max_hops: int | None = None,
                  alphabet: int | None = None, word_len_min: int | None = None, word_len_max: int | None = None,
                  questions: int | None = None, window: int | None = None, context_len: int | None = None,
                  sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
-                 preset: str | None = None):
+                 test_hops: str | None = None, preset: str | None = None):
         if preset is not None and preset not in self.PRESETS:
             raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
         given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
                      word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
-                     context_len=context_len, sep=sep, bos=bos, train_n=train_n)
+                     context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops)
         options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
                    **{k: v for k, v in given.items() if v is not None}}
         self._validate(options)
@@ -91,7 +96,7 @@ class Depo(Task):
              for j in range(self.questions)], dtype=np.int32)
         self.seq_len = int(self.question_starts[-1]) + self.slot_len
         self.num_items = self.questions
-        self.test_hops = held_out_hops(self.max_hops)
+        self.test_hops = held_out_hops(self.max_hops, options["test_hops"])
 
         self._node_counts = np.arange(self.min_nodes, self.max_nodes + 1)
         weights = (1.0 / (self._node_counts + math.sqrt(self.max_nodes)) if self.train_n == "weighted"
@@ -123,6 +128,8 @@ class Depo(Task):
         for key in ("sep", "bos"):
             if not isinstance(o[key], (bool, np.bool_)):
                 raise ValueError(f"{key} must be a bool, got {o[key]!r}")
+        if o["test_hops"] not in TEST_HOPS:
+            raise ValueError(f"test_hops must be one of {TEST_HOPS}, got {o['test_hops']!r}")
         if o["train_n"] not in TRAIN_N:
             raise ValueError(f"train_n must be one of {TRAIN_N}, got {o['train_n']!r}")
         slot_len = 2 + 2 * o["word_len_max"]

@@ -1,0 +1,43 @@
+"""Depo (paper Fig. 3): k-hop questions about a directed cycle whose edges were consolidated, then evicted.
+
+    python -m experiments.depo --sweep_n=1,4 --seeds=0,1 --parallel=2      # the README's CPU main job
+    python -m experiments.depo --config=paper --sweep_n=1,2,4 --mesh=data:8 # paper scale on a GPU/TPU host
+"""
+
+from absl import app, flags
+
+from experiments import common
+
+PRESETS = {
+    "tiny": common.Preset(
+        model="tiny", task=dict(preset="cpu"),
+        train=dict(steps=2000, batch_size=64, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=100,
+                   eval_size=1024, checkpoint_every=250),
+        description="CPU scale: 8 one-token nodes in one 24-token window, k in 1..4, d=64"),
+    "paper": common.Preset(
+        model="depo_paper", task=dict(preset="paper"),
+        train=dict(steps=50_000, batch_size=128, muon_lr=2e-3, adam_lr=5e-5, warmup_steps=1000, eval_every=1000,
+                   eval_size=4096, checkpoint_every=1000),
+        description="paper: N<=75 nodes, 2-token words, context 300, window 75, k<=16, 10 layers d=512"),
+}
+
+common.define_config_flag(PRESETS, "tiny")
+flags.DEFINE_integer("max_nodes", None, "Largest cycle (test graphs have exactly this many nodes).", lower_bound=2)
+flags.DEFINE_integer("min_nodes", None, "Smallest training cycle.", lower_bound=2)
+flags.DEFINE_integer("max_hops", None, "K: hops asked in training are uniform in 1..K.", lower_bound=1)
+flags.DEFINE_integer("alphabet", None, "V: tokens per word-position alphabet.", lower_bound=1)
+flags.DEFINE_integer("questions", None, "Questions per example.", lower_bound=1)
+flags.DEFINE_integer("context_len", None, "Tokens of the (consolidated) edge context.", lower_bound=1)
+flags.DEFINE_enum("train_n", None, ["weighted", "uniform"], "Training distribution of the cycle size.")
+flags.DEFINE_enum("test_hops", None, ["powers", "all"], "Hops evaluated: powers of two up to K, or all of 1..K.")
+
+TASK_FLAGS = ("max_nodes", "min_nodes", "max_hops", "alphabet", "questions", "context_len", "train_n", "test_hops")
+
+
+def main(argv):
+    del argv
+    common.main("depo", PRESETS, TASK_FLAGS, "experiments.depo")
+
+
+if __name__ == "__main__":
+    app.run(main)
