@@ -109,51 +109,38 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=No
 # --------------------------------------------------------------------------------------------------------------
 # Chunked algorithm (XLA)
 
-_SUBSTITUTION_BLOCK = 16
-
-
-def _substitute_unit_lower(a):
-    """(I + a)^-1 for strictly lower-triangular a [..., b, b], by forward substitution over rows."""
-    b = a.shape[-1]
-    eye = jnp.eye(b, dtype=a.dtype)
-
-    def row(i, t):
-        # a[i, j] = 0 for j >= i, so the product only reads the rows of t already final.
-        a_row = jax.lax.dynamic_index_in_dim(a, i, axis=a.ndim - 2, keepdims=False)
-        new = jax.lax.dynamic_index_in_dim(eye, i, keepdims=False) - jnp.einsum("...j,...jk->...k", a_row, t)
-        return jax.lax.dynamic_update_index_in_dim(t, new, i, axis=a.ndim - 2)
-
-    # A loop, not an unrolled Python for: 16 unrolled row updates (and their transposes) made XLA compile
-    # the model's gradient several times slower.
-    return jax.lax.fori_loop(1, b, row, jnp.broadcast_to(eye, a.shape))
-
-
 def unit_lower_inverse(a):
-    """(I + a)^-1 for strictly lower-triangular a [..., C, C] using matmuls and small substitutions only.
+    """(I + a)^-1 for strictly lower-triangular a [..., C, C], by recursive doubling of diagonal blocks.
 
-    Diagonal 16x16 blocks by substitution, then block forward substitution for the rest. No
-    ``triangular_solve``: Pallas cannot lower it and its gradient hung XLA:CPU under jit(grad).
+    Blocks of size s whose inverses are known pair up into blocks of size 2s:
+    [[A, 0], [M, B]]^-1 = [[A^-1, 0], [-B^-1 M A^-1, B^-1]]; starting from 1x1 blocks (all 1) this takes
+    log2(C) levels of batched matmuls and is exactly block forward substitution (no series truncation). No
+    ``triangular_solve`` (Pallas cannot lower it and its gradient hung XLA:CPU under jit(grad)) and no row loop
+    (which dominated the model's step time at small sizes).
     """
     C = a.shape[-1]
-    b = _SUBSTITUTION_BLOCK if C % _SUBSTITUTION_BLOCK == 0 else C
-    nb = C // b
-    diag_inv = [_substitute_unit_lower(a[..., i * b:(i + 1) * b, i * b:(i + 1) * b]) for i in range(nb)]
-    rows = []  # row blocks of the inverse, each [..., b, C]
-    for i in range(nb):
-        lead = jnp.zeros(a.shape[:-2] + (b, i * b), a.dtype)
-        tail = jnp.zeros(a.shape[:-2] + (b, C - (i + 1) * b), a.dtype)
-        row = jnp.concatenate([lead, diag_inv[i], tail], axis=-1)
-        if i:
-            above = jnp.concatenate(rows, axis=-2)  # [..., i*b, C]
-            coupling = a[..., i * b:(i + 1) * b, : i * b] @ above
-            row = row - diag_inv[i] @ coupling
-        rows.append(row)
-    return jnp.concatenate(rows, axis=-2)
+    n = 1 << max(C - 1, 0).bit_length()  # pad to a power of two: the padding block is the identity
+    if n != C:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, n - C), (0, n - C)])
+    lead = a.shape[:-2]
+    diag = jnp.ones(lead + (n, 1, 1), a.dtype)  # inverses of the diagonal blocks, [..., n/s, s, s]
+    size = 1
+    while size < n:
+        blocks = a.reshape(lead + (n // size, size, n // size, size))
+        pairs = jnp.arange(0, n // size, 2)
+        coupling = blocks[..., pairs + 1, :, pairs, :]  # [n/2s, ..., s, s]: block row 2j+1, column 2j
+        coupling = jnp.moveaxis(coupling, 0, -3)
+        upper, lower = diag[..., 0::2, :, :], diag[..., 1::2, :, :]
+        off = -(lower @ coupling @ upper)
+        zeros = jnp.zeros_like(off)
+        diag = jnp.concatenate([jnp.concatenate([upper, zeros], -1), jnp.concatenate([off, lower], -1)], -2)
+        size *= 2
+    return diag[..., 0, :C, :C]
 
 
 def _chunk_size_for(T: int, chunk_size: int) -> int:
-    """Short sequences use a smaller chunk (a multiple of 16) instead of padding to the full chunk."""
-    return min(chunk_size, _SUBSTITUTION_BLOCK * math.ceil(T / _SUBSTITUTION_BLOCK))
+    """Short sequences use a smaller chunk (a power of two >= 16) instead of padding to the full chunk."""
+    return min(chunk_size, max(16, 1 << (T - 1).bit_length()))
 
 
 @jax.custom_vjp
