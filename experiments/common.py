@@ -160,7 +160,7 @@ def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[int
 def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...], module: str) -> None:
     """Runs the launcher. ``task_flags``: the launcher's flags that are task options of the same name (None =
     the preset's value); ``module``: the launcher's module, re-run by parallel sweeps."""
-    from sleepjax import report
+    from sleepjax import report, sharding
     from sleepjax.train import check_workdir, train
 
     sweep = [int(n) for n in FLAGS.sweep_n] if FLAGS.sweep_n else None
@@ -171,6 +171,7 @@ def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...]
                    ("" if sweep or seeds else f"_N{FLAGS.sleep_n}"))
     runs = [(n, s) for n in (sweep or [FLAGS.sleep_n]) for s in (seeds or [FLAGS.seed])]
     try:
+        sharding.parse_mesh(FLAGS.mesh)
         check_workdir(workdir)
         built = {(n, s): build(task_name, presets, task_flags, n, s) for n, s in runs}  # validates everything
     except ValueError as e:

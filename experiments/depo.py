@@ -11,7 +11,7 @@ from experiments import common
 PRESETS = {
     "tiny": common.Preset(
         model="tiny", task=dict(preset="cpu"),
-        train=dict(steps=2000, batch_size=64, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=100,
+        train=dict(steps=1200, batch_size=64, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=100,
                    eval_size=1024, checkpoint_every=250),
         description="CPU scale: 8 one-token nodes in one 24-token window, k in 1..4, d=64"),
     "paper": common.Preset(

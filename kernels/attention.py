@@ -73,14 +73,9 @@ def cached_attention_step(q, k_cache, v_cache, position, *, scale=None, sliding_
 
 
 def default_backend(platform: str | None = None) -> str:
+    """Pallas on GPU and TPU, the XLA path elsewhere (CPU: Pallas would only run in interpret mode)."""
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm", "tpu"):
-        try:
-            from . import attention_pallas  # noqa: F401
-            return "pallas"
-        except ImportError:
-            return "xla"
-    return "xla"
+    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "xla"
 
 
 def window_attention(q, k, v, *, scale=None, sliding_window=None, backend="auto"):

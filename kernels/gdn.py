@@ -244,14 +244,9 @@ def chunked_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None
 
 
 def default_backend(platform: str | None = None) -> str:
+    """Pallas on GPU and TPU, the XLA path elsewhere (CPU: Pallas would only run in interpret mode)."""
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm", "tpu"):
-        try:
-            from . import gdn_pallas  # noqa: F401
-            return "pallas"
-        except ImportError:
-            return "chunked"
-    return "chunked"
+    return "pallas" if platform in ("gpu", "cuda", "rocm", "tpu") else "chunked"
 
 
 def gated_delta_rule(q, k, v, g, beta, initial_state=None, *, scale=None, use_delta=True, chunk_size=64,

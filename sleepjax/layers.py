@@ -11,6 +11,44 @@ import jax.numpy as jnp
 
 from sleepjax.config import ModelConfig
 from sleepjax.kernels import cached_attention_step, gated_delta_rule, gated_delta_rule_step, window_attention
+from sleepjax.kernels import sharding as kernel_sharding
+
+BATCH_MESH_AXES = ("data", "fsdp")
+HEAD_MESH_AXIS = "tensor"
+
+
+def _active_mesh():
+    """(mesh, batch axes, head axis) when tracing under ``jax.set_mesh`` with more than one device, else None.
+
+    Under a mesh the mixers run inside ``jax.shard_map`` over batch and heads: a Pallas call is opaque to the
+    SPMD partitioner, and both mixers are independent across batch rows and head groups, so each device runs
+    the kernel on its own slice with no communication.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    batch = tuple(a for a in BATCH_MESH_AXES if mesh.shape.get(a, 1) > 1) or None
+    head = HEAD_MESH_AXIS if mesh.shape.get(HEAD_MESH_AXIS, 1) > 1 else None
+    return (mesh, batch, head) if batch or head else None
+
+
+def _window_attention(q, k, v, cfg: ModelConfig):
+    sharded = _active_mesh()
+    if sharded is None:
+        return window_attention(q, k, v, backend=cfg.attn_backend)
+    mesh, batch, head = sharded
+    return kernel_sharding.sharded_window_attention(mesh, batch_axis=batch, head_axis=head,
+                                                    backend=cfg.attn_backend)(q, k, v)
+
+
+def _gated_delta_rule(q, k, v, g, beta, state, cfg: ModelConfig):
+    kwargs = dict(use_delta=cfg.ssm_rule == "delta", chunk_size=cfg.chunk_size)
+    sharded = _active_mesh()
+    if sharded is None:
+        return gated_delta_rule(q, k, v, g, beta, state, backend=cfg.gdn_backend, **kwargs)
+    mesh, batch, head = sharded
+    return kernel_sharding.sharded_gated_delta_rule(mesh, batch_axis=batch, head_axis=head, backend=cfg.gdn_backend,
+                                                    **kwargs)(q, k, v, g, beta, state)
 
 
 def dtype_of(cfg: ModelConfig):
@@ -64,7 +102,7 @@ def attention_output(p, o):
 def attention_window(p, x, cfg: ModelConfig):
     """Causal attention over one window. x [B, T, d] -> [B, T, d]; positions restart at 0 every window."""
     q, k, v = attention_qkv(p, x, jnp.arange(x.shape[1]), cfg)
-    return attention_output(p, window_attention(q, k, v, backend=cfg.attn_backend))
+    return attention_output(p, _window_attention(q, k, v, cfg))
 
 
 def attention_token(p, x, cache, position, cfg: ModelConfig):
@@ -127,8 +165,7 @@ def gdn_window(p, x, state, cfg: ModelConfig, valid=None):
     if valid is not None:
         g = jnp.where(valid[:, None], g, 0.0)
         beta = jnp.where(valid[:, None], beta, 0.0)
-    o, state = gated_delta_rule(q, k, v, g, beta, state, use_delta=cfg.ssm_rule == "delta",
-                                chunk_size=cfg.chunk_size, backend=cfg.gdn_backend)
+    o, state = _gated_delta_rule(q, k, v, g, beta, state, cfg)
     return gdn_output(p, o, x, cfg), state
 
 

@@ -102,7 +102,7 @@ def train_step(state: TrainState, batch: dict, *, tx) -> tuple[TrainState, dict]
         state.params, batch["tokens"], batch["loss_mask"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -224,7 +224,8 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
             batch = prefetch.get(step)
             batch = jax.device_put({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]}, batch_sharding)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch)
+            with jax.set_mesh(mesh):  # the model reads the mesh to run its kernels under shard_map
+                state, metrics = step_fn(state, batch)
             loss = float(metrics["loss"])  # one host sync per step: a non-finite loss stops the run right here
             if step > start:  # the first step of a process includes compilation
                 t_train += time.perf_counter() - t0
@@ -272,6 +273,18 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None):
+    """A finished or interrupted run: (params of its checkpoint (latest by default), ModelConfig, TrainConfig,
+    task). Everything is rebuilt from the run's ``config.json``."""
+    from sleepjax import tasks
+
+    saved = json.loads((Path(workdir) / "config.json").read_text())
+    model_cfg = ModelConfig(**saved["model"])
+    cfg = TrainConfig(**saved["train"])
+    task = tasks.get(saved["task"], **saved["task_options"])
+    return load_params(workdir, model_cfg, cfg, step), model_cfg, cfg, task
 
 
 def load_params(workdir: str | os.PathLike, model_cfg: ModelConfig, cfg: TrainConfig, step: int | None = None):

@@ -73,6 +73,7 @@ class Rule110(Task):
         given = dict(width=width, strings=strings, t=t, boundary=boundary)
         options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
                    **{k: v for k, v in given.items() if v is not None}}
+        self.options = options
         width, strings, t, boundary = (options[k] for k in ("width", "strings", "t", "boundary"))
 
         if not _is_int(width) or width < 3:

@@ -1,0 +1,86 @@
+"""Launchers and sharding: bad flags fail at start naming the flag; a sharded run (8 simulated CPU devices)
+matches one device; sweep reports are written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sleepjax import report
+from test_train import MICRO, micro_setup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(module, *args, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("experiments.rule110", ["--sleep_n=0"], "sleep_n"),
+    ("experiments.depo", ["--config=huge"], "config"),
+    ("experiments.gsm_infinite", ["--mesh=data:3"], "--mesh"),
+    ("experiments.rule110", ["--workdir=/proc/no_such_dir/run"], "workdir"),
+    ("experiments.depo", ["--model_set=d_modle=3"], "--model_set"),
+    ("experiments.rule110", ["--width=2"], "width"),
+    ("experiments.depo", ["--sweep_n=1,0"], "--sweep_n"),
+])
+def test_bad_flags_fail_at_start(module, args, needle, tmp_path):
+    out = launch(module, *args, f"--workdir={tmp_path / 'w'}" if "workdir" not in args[0] else "--steps=1")
+    assert out.returncode != 0
+    assert needle in out.stderr + out.stdout, (out.stdout[-1000:], out.stderr[-2000:])
+    assert not (tmp_path / "w" / "checkpoints").exists(), "no work may start before the flags are checked"
+
+
+_SHARDED_SCRIPT = """
+import json, sys, numpy as np, jax
+sys.path.insert(0, "tests")
+from test_train import micro_setup
+from sleepjax.train import TrainConfig, train, load_run
+task, model_cfg, train_cfg = micro_setup(steps=4, batch_size=16, eval_size=16, eval_every=4, log_every=1)
+train_cfg = TrainConfig(**{**train_cfg.__dict__, "mesh": sys.argv[2]})
+assert jax.device_count() == int(sys.argv[3]), jax.device_count()
+train(task, model_cfg, train_cfg, sys.argv[1])
+params = load_run(sys.argv[1])[0]
+np.savez(sys.argv[1] + "/params.npz", *[np.asarray(x) for x in jax.tree_util.tree_leaves(params)])
+"""
+
+
+def test_sharded_training_matches_one_device(tmp_path):
+    runs = {}
+    for name, mesh, devices in (("one", "", 1), ("eight", "data:8", 8)):
+        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / name), mesh, str(devices)],
+                             cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses = [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "train"]
+        runs[name] = (losses, np.load(tmp_path / name / "params.npz"))
+    (l1, p1), (l8, p8) = runs["one"], runs["eight"]
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for key in p1.files:
+        np.testing.assert_allclose(p8[key], p1[key], rtol=1e-4, atol=1e-6)
+
+
+def test_report_writes_table_and_plot(tmp_path):
+    run_dirs = []
+    for n, seed, final in ((1, 0, 0.2), (4, 0, 0.9), (4, 1, 0.7)):
+        d = tmp_path / f"N{n}_seed{seed}"
+        d.mkdir()
+        evals = [{"step": s, "kind": "eval", "sequences": s * 64, "exact": final * s / 300,
+                  "exact/k=1": min(1.0, 2 * final * s / 300), "exact/k=2": final * s / 300} for s in (100, 200, 300)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+        (d / "results.json").write_text(json.dumps({
+            "sleep_n": n, "seed": seed, "sequences": 300 * 64, "seconds_per_step": 0.1 * (1 + n / 4),
+            "wall_clock_s": 60.0, "difficulty_name": "k", "final_eval": evals[-1]}))
+        run_dirs.append(d)
+    text = report.write_comparison(tmp_path, run_dirs, title="test")
+    assert "| 4 | 0,1 | 19200 | 0.800 (0.900/0.700)" in text
+    assert "1.60x" in text  # sleep cost: N = 4 at 0.2 s/step vs N = 1 at 0.125
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000

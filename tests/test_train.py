@@ -1,0 +1,156 @@
+"""Training harness: the loss falls, SIGKILL + resume is bitwise identical, NaN stops the run, evaluation and
+reports are right, bad settings fail early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sleepjax
+from sleepjax import optim, tasks
+from sleepjax.evaluate import evaluate
+from sleepjax.metrics_log import read_metrics
+from sleepjax.train import TrainConfig, load_run, train
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = dict(d_model=16, layers=("attn", "gdn"), attn_heads=1, attn_kv_heads=1, attn_head_dim=8, gdn_heads=1,
+             gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8, mlp_dim=32, chunk_size=16)
+
+
+def micro_setup(sleep_n=2, **train):
+    task = tasks.get("rule110", width=6, strings=2, t=1)
+    model_cfg = sleepjax.ModelConfig.preset("tiny", **MICRO, vocab_size=task.vocab_size, window=task.window,
+                                            sleep_n=sleep_n)
+    train_cfg = TrainConfig(**{**dict(steps=40, batch_size=16, muon_lr=0.02, adam_lr=3e-3, warmup_steps=5,
+                                      eval_every=20, eval_size=32, eval_batch_size=16, checkpoint_every=20,
+                                      log_every=5), **train})
+    return task, model_cfg, train_cfg
+
+
+def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
+    task, model_cfg, train_cfg = micro_setup()
+    results = train(task, model_cfg, train_cfg, tmp_path, log_enabled=True)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows[0]["step"] == 5 and rows[-1]["step"] == 40 and all("loss" in r for r in rows)
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [20, 40] and "exact/t=1" in evals[-1]
+    assert json.loads((tmp_path / "results.json").read_text())["final_eval"] == results["final_eval"]
+    assert any((tmp_path / "tb").iterdir()), "TensorBoard event files"
+    params, cfg2, train2, task2 = load_run(tmp_path)
+    assert cfg2 == model_cfg and train2 == train_cfg and task2.seq_len == task.seq_len
+    assert sleepjax.num_params(params) == results["num_params"]
+
+
+def test_restart_of_finished_run_resumes_instead_of_retraining(tmp_path):
+    task, model_cfg, train_cfg = micro_setup(steps=20)
+    train(task, model_cfg, train_cfg, tmp_path, log_enabled=True)
+    with pytest.raises(ValueError, match="holds a run with other settings .*train.steps"):
+        train(task, model_cfg, TrainConfig(**{**train_cfg.__dict__, "steps": 30, "eval_size": 31}), tmp_path)
+    results = train(task, model_cfg, train_cfg, tmp_path)
+    assert results["steps"] == 20
+
+
+def _launcher(workdir, steps):
+    return [sys.executable, "-m", "experiments.rule110", "--width=6", "--strings=2", "--t=1", f"--steps={steps}",
+            "--batch_size=16", "--eval_size=16", "--eval_every=100000", "--checkpoint_every=10", "--log_every=1",
+            "--sleep_n=2", "--warmup_steps=5", f"--workdir={workdir}"] + [
+        f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+    steps = 150
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_launcher(killed, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it mid-run, right after it has logged step 25 (a checkpoint exists)
+        rows = read_metrics(killed / "metrics.jsonl") if (killed / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= 25:
+            break
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert read_metrics(killed / "metrics.jsonl")[-1]["step"] < steps
+    resumed = subprocess.run(_launcher(killed, steps), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from the checkpoint at step" in resumed.stdout
+    clean = tmp_path / "clean"
+    done = subprocess.run(_launcher(clean, steps), cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_run(killed)[0], load_run(clean)[0]
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows == list(range(1, steps + 1)), "the resumed log must read like one uninterrupted run"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    task, model_cfg, train_cfg = micro_setup(optimizer="adamw", adam_lr=1e30, grad_clip=0.0, checkpoint_every=1,
+                                             warmup_steps=0, lr_schedule="constant")
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step (\d+): stopping. The last good "
+                                                 r"checkpoint \(step \d+\)"):
+        train(task, model_cfg, train_cfg, tmp_path)
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    params = load_run(tmp_path)[0]
+    assert saved and saved[-1] < train_cfg.steps
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_evaluate_counts_items_by_hand():
+    task, model_cfg, _ = micro_setup()
+    params = sleepjax.init(model_cfg, jax.random.PRNGKey(3))
+    batches = task.eval_set(7, 10, 4)
+    metrics = evaluate(params, batches, num_items=task.num_items, difficulty_name="t")
+    right = []
+    for b in batches:
+        logits = sleepjax.forward(params, jnp.asarray(b["tokens"]), jnp.asarray(b["loss_mask"]))
+        pred = np.asarray(jnp.argmax(logits, -1))[:, :-1]
+        target = b["tokens"][:, 1:]
+        for i in range(len(pred)):
+            pos = b["item"][i, :-1] == 0
+            right.append(bool(np.all(pred[i][pos] == target[i][pos])))
+    assert metrics["items"] == 10 and abs(metrics["exact"] - np.mean(right)) < 1e-9
+    assert metrics["exact/t=1"] == metrics["exact"]
+
+
+def test_muon_applies_to_hidden_matrices_only():
+    _, model_cfg, _ = micro_setup()
+    params = sleepjax.init(model_cfg, jax.random.PRNGKey(0))
+    labels = optim.hidden_matrix_labels(params)
+    assert not labels.embed and not labels.unembed and not labels.final_norm
+    assert labels.layers[0]["wq"] and labels.layers[0]["mlp"]["w_down"] and labels.layers[1]["w_qkv"]
+    assert not labels.layers[1]["conv"] and not labels.layers[1]["a_log"] and not labels.layers[0]["norm1"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("steps", 0, "steps must be an int >= 1"),
+    ("optimizer", "sgd", "optimizer must be one of"),
+    ("lr_schedule", "step", "lr_schedule must be one of"),
+    ("muon_lr", -1.0, "muon_lr must be > 0"),
+])
+def test_train_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_workdir_and_mesh_errors(tmp_path):
+    task, model_cfg, train_cfg = micro_setup()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="workdir .* is not writable"):
+        train(task, model_cfg, train_cfg, blocker / "run")
+    with pytest.raises(ValueError, match="mesh.*uses 3 devices"):
+        train(task, model_cfg, TrainConfig(mesh="data:3"), tmp_path / "m")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(task, model_cfg.replace(vocab_size=99), train_cfg, tmp_path / "v")
