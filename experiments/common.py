@@ -127,7 +127,8 @@ def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[int
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    pending, active, failed = list(runs), [], []
+    # Longest runs (largest N) first, so the last runs to finish are short ones.
+    pending, active, failed = sorted(runs, key=lambda r: -r[0]), [], []
     last_report = 0.0
     while pending or active:
         while pending and len(active) < parallel:

@@ -11,8 +11,10 @@ from experiments import common
 PRESETS = {
     "tiny": common.Preset(
         model="tiny", task=dict(preset="cpu"),
-        train=dict(steps=1200, batch_size=64, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=100,
-                   eval_size=1024, checkpoint_every=250),
+        # Batch 32 learns k = 2 in fewer sequences than 64 (measured: N = 4 reached 0.89 on k = 2 at 70k
+        # sequences with batch 32, 0.18 with batch 64) at the same cost per sequence.
+        train=dict(steps=2200, batch_size=32, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=200,
+                   eval_size=512, eval_batch_size=256, checkpoint_every=500),
         description="CPU scale: 8 one-token nodes in one 24-token window, k in 1..4, d=64"),
     "paper": common.Preset(
         model="depo_paper", task=dict(preset="paper"),
