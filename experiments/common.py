@@ -61,6 +61,11 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Activation dtype (fas
 flags.DEFINE_enum("ssm_rule", None, ["delta", "hebbian"], "Fast-weight update rule.")
 flags.DEFINE_enum("gdn_backend", None, ["auto", "recurrent", "chunked", "pallas"], "Gated delta rule backend.")
 flags.DEFINE_enum("attn_backend", None, ["auto", "xla", "pallas"], "Window attention backend.")
+flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
+                  "cluster (TPU pod slices, SLURM, ...).")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (with --coordinator_address).")
 flags.DEFINE_multi_string("model_set", [], "Override a ModelConfig field: --model_set=d_model=128 (repeatable).")
 
 _TRAIN_FLAGS = ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "log_every", "optimizer",
@@ -114,6 +119,27 @@ def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...
 _COMMON_FLAGS = ("config",) + _TRAIN_FLAGS + _MODEL_FLAGS + ("model_set",)
 
 
+def init_distributed() -> None:
+    """jax.distributed from flags (an explicit coordinator) or from the environment (--distributed). Must run
+    before anything asks JAX about devices."""
+    import jax
+
+    explicit = FLAGS.coordinator_address is not None
+    if not (explicit or FLAGS.distributed):
+        return
+    if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
+        raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    if explicit and not 0 <= FLAGS.process_id < FLAGS.num_processes:
+        raise app.UsageError(f"--process_id must lie in [0, --num_processes={FLAGS.num_processes}), "
+                             f"got {FLAGS.process_id}")
+    # Collectives between the CPU devices of different processes go over gloo (affects only the CPU backend).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def _child_command(module: str, task_flags: tuple[str, ...], sleep_n: int, seed: int, workdir: Path) -> list[str]:
     """The launcher's own command line for one run of a sweep: every flag given, per-run flags replaced."""
     given = [FLAGS[name].serialize() for name in _COMMON_FLAGS + task_flags
@@ -161,6 +187,10 @@ def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[int
 def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...], module: str) -> None:
     """Runs the launcher. ``task_flags``: the launcher's flags that are task options of the same name (None =
     the preset's value); ``module``: the launcher's module, re-run by parallel sweeps."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO; the progress line says enough
+    init_distributed()
     from sleepjax import report, sharding
     from sleepjax.train import check_workdir, train
 

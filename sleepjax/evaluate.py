@@ -37,17 +37,19 @@ def score_batch(params, tokens, loss_mask, item, num_items: int):
 _score = jax.jit(score_batch, static_argnames="num_items")
 
 
-def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficulty") -> dict[str, float]:
+def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficulty",
+             put=jnp.asarray) -> dict[str, float]:
     """Metrics over a held-out set (a list of batches from ``task.eval_set``).
 
     ``exact``: mean exact accuracy over items; ``exact/<name>=<d>`` and ``loss/<name>=<d>`` per difficulty;
     ``loss`` and ``token_accuracy`` over every supervised position; ``items``: how many were scored.
+    ``put`` places a host array on the devices (multi-host runs pass one that builds global arrays).
     """
     exact, ce = defaultdict(list), defaultdict(list)
     token_correct = token_ce = token_count = 0.0
     for batch in batches:
-        out = jax.device_get(_score(params, jnp.asarray(batch["tokens"]), jnp.asarray(batch["loss_mask"]),
-                                    jnp.asarray(batch["item"]), num_items=num_items))
+        out = jax.device_get(_score(params, put(batch["tokens"]), put(batch["loss_mask"]), put(batch["item"]),
+                                    num_items=num_items))
         present = out["present"] & (batch["difficulty"] >= 0)
         for d, e, c in zip(batch["difficulty"][present], out["exact"][present], out["ce"][present]):
             exact[int(d)].append(bool(e))

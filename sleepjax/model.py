@@ -111,6 +111,46 @@ def init_state(params: Params, batch_size: int) -> FastWeights:
     return tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_gdn_layers))
 
 
+# Logical axis names of every weight, by (block kind, name). "embed" is the model dimension (FSDP shards it),
+# "heads" a dimension made of whole attention or GDN value heads and "mlp" the MLP hidden dimension (tensor
+# parallelism shards them); None is never sharded. The fused GDN q|k|v projection and its conv are not split over
+# heads: their channels interleave three head layouts.
+_LOGICAL_AXES = {
+    "embed": ("vocab", "embed"), "unembed": ("embed", "vocab"), "final_norm": (None,),
+    "norm1": (None,), "norm2": (None,), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    ("attn", "wq"): ("embed", "heads"), ("attn", "wk"): ("embed", "heads"), ("attn", "wv"): ("embed", "heads"),
+    ("attn", "wo"): ("heads", "embed"),
+    ("gdn", "w_qkv"): ("embed", None), ("gdn", "conv"): (None, None), ("gdn", "w_a"): ("embed", None),
+    ("gdn", "w_b"): ("embed", None), ("gdn", "a_log"): (None,), ("gdn", "dt_bias"): (None,),
+    ("gdn", "w_gate"): ("embed", "heads"), ("gdn", "o_norm"): (None,), ("gdn", "wo"): ("heads", "embed"),
+    ("mlp", "w_gate"): ("embed", "mlp"),
+}
+
+
+_PARAM_FIELDS = ("embed", "layers", "final_norm", "unembed")
+
+
+def logical_axes_at(path, config: ModelConfig) -> tuple | None:
+    """Logical axes of the parameter at ``path`` (a key path into params, or into any pytree holding a copy of
+    the params structure, such as optimizer moments). None when the path does not lead to a parameter."""
+    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+    starts = [i for i, n in enumerate(names) if n in _PARAM_FIELDS and isinstance(path[i], jax.tree_util.GetAttrKey)]
+    if not starts:
+        return None
+    names = names[starts[-1]:]
+    if names[0] != "layers":
+        return _LOGICAL_AXES.get(names[0])
+    if len(names) < 3 or not isinstance(names[1], int) or names[1] >= len(config.layers):
+        return None
+    kind = "mlp" if "mlp" in names else config.layers[names[1]]
+    return _LOGICAL_AXES.get((kind, names[-1])) or _LOGICAL_AXES.get(names[-1])
+
+
+def logical_axes(params: Params):
+    """A pytree like ``params`` whose leaves are tuples of logical axis names (see ``_LOGICAL_AXES``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: logical_axes_at(path, params.config), params)
+
+
 def num_params(params: Params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 

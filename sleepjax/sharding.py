@@ -62,3 +62,52 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# Logical axis -> mesh axis. FSDP shards the model dimension of every weight matrix; tensor parallelism shards
+# attention and GDN heads and the MLP hidden dimension. Anything else is replicated.
+LOGICAL_RULES = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": None}
+
+
+def spec_for(axes: tuple | None, shape: tuple, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for an array of ``shape`` with logical ``axes``: a dimension is sharded only when its mesh
+    axis is larger than 1 and divides it (otherwise it stays replicated, e.g. a 2-wide gate on 4 tensor shards)."""
+    rules = LOGICAL_RULES if rules is None else rules
+    if axes is None or len(axes) != len(shape):
+        return P()
+    spec = []
+    for name, size in zip(axes, shape):
+        axis = rules.get(name) if name else None
+        spec.append(axis if axis and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0 else None)
+    return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh, axes_at, rules=None):
+    """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs): ``axes_at(path)`` gives a leaf's
+    logical axes (None: replicated). Works for params and for optimizer states that mirror them."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, spec_for(axes_at(path), tuple(leaf.shape), mesh, rules)), tree)
+
+
+def check_heads(config, mesh: Mesh) -> None:
+    """The mixers run per head group under shard_map: head counts must split evenly over the tensor axis."""
+    n = mesh.shape["tensor"]
+    for name in ("attn_heads", "attn_kv_heads", "gdn_heads", "gdn_value_heads"):
+        if n > 1 and getattr(config, name) % n:
+            raise ValueError(f"--mesh tensor:{n} must divide ModelConfig.{name} ({getattr(config, name)})")
+
+
+def local_rows(sharding: NamedSharding, global_shape: tuple) -> slice:
+    """The rows of a batch-sharded global array that this process holds (its devices' shards, contiguous)."""
+    indices = sharding.addressable_devices_indices_map(global_shape).values()
+    starts = [idx[0].start or 0 for idx in indices]
+    stops = [global_shape[0] if idx[0].stop is None else idx[0].stop for idx in indices]
+    return slice(min(starts), max(stops))
+
+
+def global_batch(sharding: NamedSharding, local: dict, global_batch_size: int) -> dict:
+    """Assembles each process's rows into global arrays (single process: a plain device_put)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+            for k, v in local.items()}

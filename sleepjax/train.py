@@ -96,6 +96,12 @@ def init_train_state(model_cfg: ModelConfig, cfg: TrainConfig, tx) -> TrainState
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def train_state_shardings(abstract_state, model_cfg: ModelConfig, mesh):
+    """Parameters and the optimizer moments that mirror them sharded by the logical-axis rules
+    (``sharding.LOGICAL_RULES``); step counters and scalars replicated."""
+    return sharding.tree_shardings(abstract_state, mesh, lambda path: model_lib.logical_axes_at(path, model_cfg))
+
+
 def train_step(state: TrainState, batch: dict, *, tx) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` (tokens, loss_mask). Pure: returns the new state and metrics."""
     (_, metrics), grads = jax.value_and_grad(model_lib.loss, has_aux=True)(
@@ -178,12 +184,15 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         if getattr(cfg, name) % shards:
             raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the data x fsdp mesh size "
                              f"({shards})")
-    _check_same_run(workdir, _run_description(task, model_cfg, cfg))
+    if jax.process_index() == 0:  # one writer; the other processes of a multi-host run trust it
+        _check_same_run(workdir, _run_description(task, model_cfg, cfg))
 
+    sharding.check_heads(model_cfg, mesh)
     tx = make_optimizer(cfg)
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
-    state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), abstract)
+    state_sharding = train_state_shardings(abstract, model_cfg, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+    rows = sharding.local_rows(batch_sharding, (cfg.batch_size,))
     step_fn = jax.jit(functools.partial(train_step, tx=tx), in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -192,7 +201,8 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
     start = manager.latest_step()
     if start is None:
-        state = jax.device_put(init_train_state(model_cfg, cfg, tx), state_sharding)
+        # jit with out_shardings: every device initialises only its shard (same values on any mesh).
+        state = jax.jit(lambda: init_train_state(model_cfg, cfg, tx), out_shardings=state_sharding)()
         start = 0
     else:
         target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -203,8 +213,11 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         log.line(f"resumed from the checkpoint at step {start} in {workdir}", final=True)
 
     eval_batches = task.eval_set(cfg.eval_seed, cfg.eval_size, cfg.eval_batch_size)
+    replicated = sharding.replicated(mesh)
+    put_replicated = (jnp.asarray if jax.process_count() == 1 else  # every process holds the whole eval batch
+                      lambda x: jax.make_array_from_process_local_data(replicated, x, x.shape))
     tokens_per_seq = task.seq_len
-    prefetch = Prefetcher(lambda step: task.batch(cfg.seed, step, cfg.batch_size))
+    prefetch = Prefetcher(lambda step: task.batch(cfg.seed, step, cfg.batch_size, rows=rows))
     rate, t_run, t_train, train_steps_timed = Throughput(), time.perf_counter(), 0.0, 0
     last_eval: dict = {}
     history_sum: dict[str, float] = {}
@@ -212,7 +225,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     def run_eval(step):
         nonlocal last_eval
         last_eval = evaluate(state.params, eval_batches, num_items=task.num_items,
-                             difficulty_name=task.difficulty_name)
+                             difficulty_name=task.difficulty_name, put=put_replicated)
         log.write(step, "eval", {**last_eval, "sequences": step * cfg.batch_size,
                                  "tokens": step * cfg.batch_size * tokens_per_seq})
         log.line(f"eval @ {step}: exact {last_eval['exact']:.3f}  loss {last_eval['loss']:.4f}  " +
@@ -222,7 +235,8 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     try:
         for step in range(start, cfg.steps):
             batch = prefetch.get(step)
-            batch = jax.device_put({"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]}, batch_sharding)
+            batch = sharding.global_batch(batch_sharding, {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]},
+                                          cfg.batch_size)
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):  # the model reads the mesh to run its kernels under shard_map
                 state, metrics = step_fn(state, batch)

@@ -38,36 +38,6 @@ def test_bad_flags_fail_at_start(module, args, needle, tmp_path):
     assert not (tmp_path / "w" / "checkpoints").exists(), "no work may start before the flags are checked"
 
 
-_SHARDED_SCRIPT = """
-import json, sys, numpy as np, jax
-sys.path.insert(0, "tests")
-from test_train import micro_setup
-from sleepjax.train import TrainConfig, train, load_run
-task, model_cfg, train_cfg = micro_setup(steps=4, batch_size=16, eval_size=16, eval_every=4, log_every=1)
-train_cfg = TrainConfig(**{**train_cfg.__dict__, "mesh": sys.argv[2]})
-assert jax.device_count() == int(sys.argv[3]), jax.device_count()
-train(task, model_cfg, train_cfg, sys.argv[1])
-params = load_run(sys.argv[1])[0]
-np.savez(sys.argv[1] + "/params.npz", *[np.asarray(x) for x in jax.tree_util.tree_leaves(params)])
-"""
-
-
-def test_sharded_training_matches_one_device(tmp_path):
-    runs = {}
-    for name, mesh, devices in (("one", "", 1), ("eight", "data:8", 8)):
-        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / name), mesh, str(devices)],
-                             cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        losses = [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
-                  if r["kind"] == "train"]
-        runs[name] = (losses, np.load(tmp_path / name / "params.npz"))
-    (l1, p1), (l8, p8) = runs["one"], runs["eight"]
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for key in p1.files:
-        np.testing.assert_allclose(p8[key], p1[key], rtol=1e-4, atol=1e-6)
-
-
 def test_report_writes_table_and_plot(tmp_path):
     run_dirs = []
     for n, seed, final in ((1, 0, 0.2), (4, 0, 0.9), (4, 1, 0.7)):

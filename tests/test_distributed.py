@@ -1,0 +1,112 @@
+"""Scale-out on one CPU machine: meshes of 8 simulated devices (data / fsdp / tensor) train like one device, a
+checkpoint written on one mesh restores on another, and two real processes (jax.distributed over localhost)
+train, are killed, and resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sleepjax.metrics_log import read_metrics
+from test_train import MICRO
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS4 = dict(MICRO, attn_heads=4, attn_kv_heads=4, gdn_heads=4, gdn_value_heads=4)
+
+_MESH_SCRIPT = """
+import json, sys, numpy as np, jax
+import sleepjax
+from sleepjax import tasks
+from sleepjax.train import TrainConfig, train, load_run
+out, meshes, restore_mesh = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+task = tasks.get("rule110", width=6, strings=2, t=1)
+model_cfg = sleepjax.ModelConfig.preset("tiny", **json.loads(sys.argv[4]), vocab_size=task.vocab_size,
+                                        window=task.window, sleep_n=2)
+base = dict(steps=4, batch_size=16, muon_lr=0.02, adam_lr=3e-3, warmup_steps=1, eval_every=4, eval_size=16,
+            eval_batch_size=16, checkpoint_every=2, log_every=1)
+report = {}
+for mesh in meshes:
+    workdir = f"{out}/{mesh or 'one'}"
+    results = train(task, model_cfg, TrainConfig(**base, mesh=mesh), workdir, log_enabled=True)
+    losses = [r["loss"] for r in map(json.loads, open(workdir + "/metrics.jsonl")) if r["kind"] == "train"]
+    params = [np.asarray(x) for x in jax.tree_util.tree_leaves(load_run(workdir)[0])]
+    np.savez(workdir + "/params.npz", *params)
+    report[mesh or "one"] = dict(losses=losses, eval_loss=results["final_eval"]["loss"])
+if restore_mesh:  # the first run's checkpoint, restored onto another mesh (a finished run is re-evaluated)
+    results = train(task, model_cfg, TrainConfig(**base, mesh=restore_mesh), f"{out}/{meshes[0]}")
+    report["restored"] = dict(eval_loss=results["final_eval"]["loss"], steps=results["steps"])
+print("REPORT" + json.dumps(report))
+"""
+
+
+def run_meshes(tmp_path, devices, meshes, restore_mesh=""):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path), json.dumps(meshes), restore_mesh,
+                          json.dumps(HEADS4)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.split("REPORT")[-1])
+
+
+def test_meshes_match_one_device_and_checkpoints_move_between_meshes(tmp_path):
+    one = run_meshes(tmp_path / "single", 1, [""])["one"]
+    meshes = ["data:8", "data:2,fsdp:2,tensor:2", "fsdp:2,tensor:4"]
+    many = run_meshes(tmp_path / "eight", 8, meshes, restore_mesh="fsdp:4,tensor:2")
+    reference = np.load(tmp_path / "single" / "one" / "params.npz")
+    for mesh in meshes:
+        np.testing.assert_allclose(many[mesh]["losses"], one["losses"], rtol=2e-5, err_msg=mesh)
+        params = np.load(tmp_path / "eight" / mesh / "params.npz")
+        for key in reference.files:
+            np.testing.assert_allclose(params[key], reference[key], rtol=2e-4, atol=2e-6, err_msg=mesh)
+    restored = many["restored"]
+    assert restored["steps"] == 4
+    np.testing.assert_allclose(restored["eval_loss"], many["data:8"]["eval_loss"], rtol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(workdir, steps, port):
+    flags = ["--width=6", "--strings=2", "--t=1", f"--steps={steps}", "--batch_size=16", "--eval_size=16",
+             "--eval_every=100000", "--checkpoint_every=4", "--log_every=1", "--sleep_n=2", "--warmup_steps=2",
+             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+    flags += [f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+    return [subprocess.Popen([sys.executable, "-m", "experiments.rule110", *flags, f"--process_id={i}"], cwd=REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def test_two_processes_train_die_and_resume(tmp_path):
+    steps = 40
+    workdir = tmp_path / "run"
+    procs = _launch_two(workdir, steps, _free_port())
+    deadline = time.time() + 300
+    while time.time() < deadline:  # process 1 "dies" once a checkpoint exists and training has moved past it
+        rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= 6:
+            break
+        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    os.kill(procs[0].pid, signal.SIGKILL)  # what a job scheduler does with the rest of a broken job
+    for p in procs:
+        p.wait()
+    assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] < steps
+
+    procs = _launch_two(workdir, steps, _free_port())  # the same command again
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from the checkpoint at step" in outputs[0]
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == steps and results["devices"] == 2
+    rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["kind"] == "train"]
+    assert rows == list(range(1, steps + 1))
+    assert not any(line.startswith("step ") for line in outputs[1].splitlines()), "only process 0 logs"
