@@ -152,7 +152,7 @@ def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[int
     """Trains the runs in child processes, ``parallel`` at a time, each on one CPU thread; logs to run/log.txt."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+                        " --xla_cpu_multi_thread_eigen=false").strip()
     # Longest runs (largest N) first, so the last runs to finish are short ones.
     pending, active, failed = sorted(runs, key=lambda r: -r[0]), [], []
     last_report = 0.0
