@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--backends", default="chunked,recurrent")
+    ap.add_argument("--backends", default="chunked,recurrent,xla")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     xs = inputs(args.B, args.T, args.H, args.D, jnp.dtype(args.dtype))

@@ -59,7 +59,7 @@ flags.DEFINE_float("grad_clip", None, "Global-norm gradient clipping (0 = off)."
 flags.DEFINE_enum("remat", None, ["none", "pass", "window", "both"], "Activation checkpointing policy.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Activation dtype (fast weights stay float32).")
 flags.DEFINE_enum("ssm_rule", None, ["delta", "hebbian"], "Fast-weight update rule.")
-flags.DEFINE_enum("gdn_backend", None, ["auto", "recurrent", "chunked", "pallas"], "Gated delta rule backend.")
+flags.DEFINE_enum("gdn_backend", None, ["auto", "xla", "recurrent", "chunked", "pallas"], "Gated delta rule backend.")
 flags.DEFINE_enum("attn_backend", None, ["auto", "xla", "pallas"], "Window attention backend.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
                   "cluster (TPU pod slices, SLURM, ...).")

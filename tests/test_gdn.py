@@ -186,3 +186,19 @@ def test_chunked_is_exact_in_float64(use_delta):
             *a, use_delta=use_delta, backend=backend, chunk_size=16))
         assert_trees_close(jax.grad(f("chunked"), (0, 1, 2, 3, 4, 5))(*args),
                            jax.grad(f("recurrent"), (0, 1, 2, 3, 4, 5))(*args), 1e-10, "f64 grad")
+
+
+def test_xla_backend_takes_recurrent_values_and_chunked_gradients():
+    args = make_inputs(case_key("xla"), T=40)
+    o, s = gated_delta_rule(*args, backend="xla", chunk_size=16)
+    o_rec, s_rec = gated_delta_rule(*args, backend="recurrent")
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o_rec))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s_rec))
+    f = lambda backend: lambda *a: sum(jnp.sum(jnp.cos(x)) for x in gated_delta_rule(*a, backend=backend,
+                                                                                       chunk_size=16))
+    g_xla = jax.grad(f("xla"), (0, 1, 2, 3, 4, 5))(*args)
+    g_chunk = jax.grad(f("chunked"), (0, 1, 2, 3, 4, 5))(*args)
+    assert_trees_close(g_xla, g_chunk, 0.0, "xla grad")
+    o_none, _ = gated_delta_rule(*args[:5], backend="xla")
+    o_rec_none, _ = gated_delta_rule(*args[:5], backend="recurrent")
+    assert rel_err(o_none, o_rec_none) == 0.0
