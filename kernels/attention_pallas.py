@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from . import attention
-from .gdn_pallas import resolve_interpret
+from ._pallas_util import next_pow2, resolve_interpret, resolve_platform
 
 F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity" for masked scores and the initial running max
@@ -89,10 +89,6 @@ class _Config:
     @property
     def prec(self):
         return _PRECISIONS[self.precision]
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -477,15 +473,6 @@ _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 # Dispatch
 
 
-def resolve_platform(platform: str | None) -> str:
-    name = platform or jax.default_backend()
-    if name in ("gpu", "cuda", "rocm", "cpu"):
-        return "gpu"
-    if name == "tpu":
-        return "tpu"
-    raise ValueError(f"platform must be one of 'gpu', 'cuda', 'rocm', 'tpu', 'cpu' or None, got {platform!r}")
-
-
 def _resolve_blocks(wrapper: str, block_sizes, T: int):
     if block_sizes is None:
         block_sizes = AttentionBlockSizes()
@@ -495,7 +482,7 @@ def _resolve_blocks(wrapper: str, block_sizes, T: int):
         raise ValueError(f"block_sizes.precision must be one of {tuple(_PRECISIONS)}, got "
                          f"{block_sizes.precision!r}")
     defaults = AttentionBlockSizes.get_default(wrapper)
-    cap = max(16, _next_pow2(T))
+    cap = max(16, next_pow2(T))
     out = {}
     for name in _BLOCK_FIELDS:
         b = getattr(block_sizes, name)
@@ -539,7 +526,7 @@ def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_s
 def _window_attention(cfg: _Config, Tp: int, q, k, v):
     """Pad (T -> Tp, D -> power of two >= 16), lay out, run the custom-VJP kernels, undo."""
     T, D = q.shape[1], q.shape[3]
-    Dp = max(16, _next_pow2(D))
+    Dp = max(16, next_pow2(D))
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     qp, kp, vp = (jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))) for x in (q, k, v))
     if cfg.platform == "tpu":

@@ -44,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from . import gdn
+from ._pallas_util import next_pow2, resolve_interpret, resolve_platform
 from . import gdn_chunk_math as cm
 
 F32 = jnp.float32
@@ -76,12 +77,8 @@ class GDNBlockSizes:
         return cls(block_v=_default_block_v(platform, _pad_dim(head_dim_v)))
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _pad_dim(d: int) -> int:
-    return max(16, _next_pow2(d))
+    return max(16, next_pow2(d))
 
 
 def _default_block_v(platform: str, dv_padded: int) -> int:
@@ -393,32 +390,6 @@ _gdn_core.defvjp(_gdn_core_fwd, _gdn_core_bwd)
 # Dispatch
 
 
-def resolve_platform(platform: str | None) -> str:
-    """'gpu' or 'tpu' wrapper for a platform name (None: the default backend; CPU runs the GPU wrapper)."""
-    name = platform or jax.default_backend()
-    if name in ("gpu", "cuda", "rocm", "cpu"):
-        return "gpu"
-    if name == "tpu":
-        return "tpu"
-    raise ValueError(f"platform must be one of 'gpu', 'cuda', 'rocm', 'tpu', 'cpu' or None, got {platform!r}")
-
-
-def resolve_interpret(interpret, wrapper: str, platform: str | None):
-    """None -> True on a CPU-only JAX, else False. A ``pltpu.InterpretParams`` (the TPU-faithful interpreter:
-    uninitialised-memory poisoning, race detection) is accepted for the TPU wrapper."""
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if isinstance(interpret, pltpu.InterpretParams):
-        if wrapper != "tpu":
-            raise ValueError("interpret=pltpu.InterpretParams(...) needs platform='tpu' (the TPU wrapper)")
-        return interpret
-    if not isinstance(interpret, bool):
-        raise ValueError(f"interpret must be None, a bool or a pltpu.InterpretParams, got {interpret!r}")
-    if platform == "cpu" and not interpret:
-        raise ValueError("interpret must be True (or None) when platform='cpu': Pallas only interprets on CPU")
-    return interpret
-
-
 def kernel_chunk_size(chunk_size: int) -> int:
     """The chunk the kernels use for a requested chunk_size (any multiple of 16, as for the XLA path): the
     largest power of two <= min(chunk_size, 128) (Triton tiles are powers of two; the result does not depend on
@@ -470,7 +441,7 @@ def gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, scale=None,
         scale = float(Dk**-0.5 if scale is None else scale)
     except TypeError as e:
         raise ValueError(f"scale must be a Python number for the Pallas kernels, got {scale!r}") from e
-    C = min(kernel_chunk_size(chunk_size), max(16, _next_pow2(T)))
+    C = min(kernel_chunk_size(chunk_size), max(16, next_pow2(T)))
     cfg = _Config(platform=wrapper, interpret=interpret, use_delta=bool(use_delta), scale=scale, chunk=C,
                   block_v=bv, num_warps=block_sizes.num_warps, num_warps_bwd=block_sizes.num_warps_bwd,
                   num_stages=block_sizes.num_stages, vmem_limit_bytes=block_sizes.vmem_limit_bytes,
