@@ -13,8 +13,8 @@ from absl import app, flags
 
 from experiments import common
 
-_TINY_TRAIN = dict(steps=1000, batch_size=64, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=100,
-                   eval_size=512, checkpoint_every=250)
+_TINY_TRAIN = dict(steps=1200, batch_size=32, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=200,
+                   eval_size=512, checkpoint_every=200)
 _PAPER_TRAIN = dict(steps=20_000, batch_size=256, muon_lr=1e-3, adam_lr=5e-5, warmup_steps=500, eval_every=1000,
                     eval_size=1600, checkpoint_every=1000)
 
