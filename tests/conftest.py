@@ -1,6 +1,7 @@
 """Shared test helpers: fresh random inputs per case and relative-error comparisons."""
 
 import zlib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,3 +26,10 @@ def assert_trees_close(actual, expected, tol, what=""):
         assert np.all(np.isfinite(np.asarray(a))), f"{what}{path}: non-finite values"
         err = rel_err(a, e)
         assert err <= tol, f"{what}{path}: relative error {err:.3g} > {tol:.3g}"
+
+
+def finished_checkpoints(workdir) -> list[int]:
+    """Steps of the checkpoints orbax has finished in ``workdir``: it saves asynchronously into a temporary folder
+    and renames it to the step number only once every process has written its part."""
+    folder = Path(workdir) / "checkpoints"
+    return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import finished_checkpoints
 from sleepjax.metrics_log import read_metrics
 from test_train import MICRO
 
@@ -91,7 +92,7 @@ def test_two_processes_train_die_and_resume(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:  # process 1 "dies" once a checkpoint exists and training has moved past it
         rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] >= 6:
+        if rows and rows[-1]["step"] > max(finished_checkpoints(workdir), default=rows[-1]["step"]):
             break
         assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
         time.sleep(0.05)
@@ -99,6 +100,7 @@ def test_two_processes_train_die_and_resume(tmp_path):
     os.kill(procs[0].pid, signal.SIGKILL)  # what a job scheduler does with the rest of a broken job
     for p in procs:
         p.wait()
+    assert finished_checkpoints(workdir), "no checkpoint had finished before the kill"
     assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] < steps
 
     procs = _launch_two(workdir, steps, _free_port())  # the same command again

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import finished_checkpoints
 import sleepjax
 from sleepjax import optim, tasks
 from sleepjax.evaluate import evaluate
@@ -73,14 +74,15 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     proc = subprocess.Popen(_launcher(killed, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline:  # kill it mid-run, right after it has logged step 25 (a checkpoint exists)
+    while time.time() < deadline:  # kill it mid-run, once a checkpoint has finished and training moved past it
         rows = read_metrics(killed / "metrics.jsonl") if (killed / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] >= 25:
+        if rows and rows[-1]["step"] > max(finished_checkpoints(killed), default=rows[-1]["step"]):
             break
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+    assert finished_checkpoints(killed), "no checkpoint had finished before the kill"
     assert read_metrics(killed / "metrics.jsonl")[-1]["step"] < steps
     resumed = subprocess.run(_launcher(killed, steps), cwd=REPO, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
