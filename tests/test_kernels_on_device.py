@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import assert_trees_close, case_key
+from test_pallas_gdn import make_inputs
 from sleepjax.kernels import gated_delta_rule, window_attention
 
 pytestmark = pytest.mark.skipif(
@@ -24,23 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="compiled Pallas kernels need a GPU or TPU (SLEEPJAX_DEVICE_TESTS_ON_CPU=1 interprets them)")
 
 TOL = {jnp.float32: 2e-2, jnp.bfloat16: 5e-2}
-
-
-def _gdn_inputs(key, B, T, Hk, Hv, Dk, Dv, dtype, decay, beta_range):
-    ks = jax.random.split(key, 7)
-    q = jax.random.normal(ks[0], (B, T, Hk, Dk))
-    k = jax.random.normal(ks[1], (B, T, Hk, Dk))
-    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    v = jax.random.normal(ks[2], (B, T, Hv, Dv))
-    if decay == "strong":
-        g = -10.0 + 0.5 * jax.random.uniform(ks[3], (B, T, Hv))
-    else:
-        g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, Hv)) - 1.0)
-    u = jax.random.uniform(ks[4], (B, T, Hv))
-    beta = {"normal": u, "low": 1e-3 * u, "high": 1.0 - 1e-3 * u}[beta_range]
-    s0 = jax.random.normal(ks[5], (B, Hv, Dk, Dv))
-    cot = jax.random.normal(ks[6], (B, T, Hv, Dv))
-    return (q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta, s0), cot
 
 
 def _value_and_grads(fn, args, cot):
@@ -64,7 +48,9 @@ def _value_and_grads(fn, args, cot):
     ((2, 77, 2, 2, 64, 64), "normal", "low"),        # beta near 0
 ])
 def test_gated_delta_rule_compiled(shape, decay, beta_range, use_delta, dtype):
-    args, cot = _gdn_inputs(case_key(shape, decay, beta_range, use_delta, dtype), *shape, dtype, decay, beta_range)
+    key_inputs, key_cot = jax.random.split(case_key(shape, decay, beta_range, use_delta, dtype))
+    args = make_inputs(key_inputs, *shape, decay=decay, beta_range=beta_range, dtype=dtype)
+    cot = jax.random.normal(key_cot, shape[:2] + (shape[3], shape[5]))  # [B, T, Hv, Dv]
     out, grads = _value_and_grads(
         lambda *a: gated_delta_rule(*a, use_delta=use_delta, backend="pallas"), args, cot)
     # Reference: the token recurrence in float32 on the same device.
