@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     path = Path(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        # One probe per process: every process of a multi-host run checks the same (shared) workdir at once.
+        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
