@@ -158,19 +158,11 @@ def test_workdir_and_mesh_errors(tmp_path):
         train(task, model_cfg.replace(vocab_size=99), train_cfg, tmp_path / "v")
 
 
-def _check_workdir_many_times(workdir):
-    from sleepjax.train import check_workdir
-    for _ in range(200):
-        check_workdir(workdir)
-
 
 def test_check_workdir_is_safe_when_processes_share_the_workdir(tmp_path):
     """Every process of a multi-host run probes the same workdir at start; one probe must not delete another's."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_check_workdir_many_times, args=(tmp_path / "shared",)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * 4
+    code = "import sys; from sleepjax.train import check_workdir; [check_workdir(sys.argv[1]) for _ in range(300)]"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)[-2000:]
