@@ -32,8 +32,11 @@ flags.DEFINE_integer("questions", None, "Questions per example.", lower_bound=1)
 flags.DEFINE_integer("context_len", None, "Tokens of the (consolidated) edge context.", lower_bound=1)
 flags.DEFINE_enum("train_n", None, ["weighted", "uniform"], "Training distribution of the cycle size.")
 flags.DEFINE_enum("test_hops", None, ["powers", "all"], "Hops evaluated: powers of two up to K, or all of 1..K.")
+flags.DEFINE_integer("hop_stage", None, "Hop curriculum: the largest k asked in training grows by one every this "
+                     "many training sequences (0 = off: k uniform in 1..K from the start).", lower_bound=0)
 
-TASK_FLAGS = ("max_nodes", "min_nodes", "max_hops", "alphabet", "questions", "context_len", "train_n", "test_hops")
+TASK_FLAGS = ("max_nodes", "min_nodes", "max_hops", "alphabet", "questions", "context_len", "train_n", "test_hops",
+              "hop_stage")
 
 
 def main(argv):

@@ -46,13 +46,15 @@ class Depo(Task):
     Supervision: loss on the position predicting ANS (the query word's last token) and on the positions predicting
     each answer token; item j = the latter only (exact answer-word accuracy of question j); difficulty[j] = k.
     Train: n from ``train_n`` over {min_nodes..max_nodes} ("weighted": P(n=i) proportional to 1/(i + sqrt(N))),
-    k ~ Uniform{1..K}. Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
+    k ~ Uniform{1..K}, or with a hop curriculum (``hop_stage`` > 0) k ~ Uniform{1..K_i} for training example i,
+    ``K_i = min(K, 1 + i // hop_stage)`` (``hop_curriculum``): the largest k grows by one every ``hop_stage``
+    examples, a pure function of the example index (so of seed and step). Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
     test k gets an equal share of a run of examples.
     """
 
     DEFAULTS: Mapping[str, Any] = dict(
         max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
-        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers")
+        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers", hop_stage=0)
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "paper": dict(DEFAULTS),
         # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
@@ -65,12 +67,13 @@ class Depo(Task):
                  alphabet: int | None = None, word_len_min: int | None = None, word_len_max: int | None = None,
                  questions: int | None = None, window: int | None = None, context_len: int | None = None,
                  sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
-                 test_hops: str | None = None, preset: str | None = None):
+                 test_hops: str | None = None, hop_stage: int | None = None, preset: str | None = None):
         if preset is not None and preset not in self.PRESETS:
             raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
         given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
                      word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
-                     context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops)
+                     context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops,
+                     hop_stage=hop_stage)
         options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
                    **{k: v for k, v in given.items() if v is not None}}
         self._validate(options)
@@ -80,6 +83,7 @@ class Depo(Task):
             options["alphabet"], options["word_len_min"], options["word_len_max"])
         self.questions, self.window, self.context_len = options["questions"], options["window"], options["context_len"]
         self.sep, self.bos, self.train_n = bool(options["sep"]), bool(options["bos"]), options["train_n"]
+        self.hop_stage = int(options["hop_stage"])
 
         self.name = "depo"
         self.difficulty_name = "k"
@@ -102,7 +106,9 @@ class Depo(Task):
         weights = (1.0 / (self._node_counts + math.sqrt(self.max_nodes)) if self.train_n == "weighted"
                    else np.ones(len(self._node_counts)))
         self.train_n_probs = weights / weights.sum()
-        self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()))
+        # The curriculum stays out of the salt: it changes only the hops drawn in training, so the held-out set
+        # (and the data of every setting without a curriculum) is the same with and without one.
+        self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "hop_stage")
 
     @staticmethod
     def _validate(o: Mapping[str, Any]) -> None:
@@ -125,6 +131,7 @@ class Depo(Task):
                              f"({distinct_words} words)")
         need_int("questions", 1)
         need_int("window", 1)
+        need_int("hop_stage", 0)
         for key in ("sep", "bos"):
             if not isinstance(o[key], (bool, np.bool_)):
                 raise ValueError(f"{key} must be a bool, got {o[key]!r}")
@@ -143,6 +150,12 @@ class Depo(Task):
             raise ValueError(f"context_len must hold the largest graph ({o['max_nodes']} edges"
                              f"{' + SEP' if o['sep'] else ''}{' + BOS' if o['bos'] else ''} = {largest_context} "
                              f"tokens), got {o['context_len']}")
+
+    def hop_curriculum(self, index: int) -> int:
+        """K_i: the largest k training example ``index`` may ask (``max_hops`` without a curriculum)."""
+        if self.hop_stage == 0:
+            return self.max_hops
+        return min(self.max_hops, 1 + int(index) // self.hop_stage)
 
     def _draw_words(self, rng: np.random.Generator, n: int) -> list[tuple[int, ...]]:
         """n distinct node words (tuples of token ids), each of a uniform length in word_len_min..word_len_max."""
@@ -164,7 +177,7 @@ class Depo(Task):
                              for j in range(self.questions)], dtype=np.int32)
         else:
             n = int(rng.choice(self._node_counts, p=self.train_n_probs))
-            hops = rng.integers(1, self.max_hops + 1, size=self.questions).astype(np.int32)
+            hops = rng.integers(1, self.hop_curriculum(index) + 1, size=self.questions).astype(np.int32)
         # words[i] -> words[(i + 1) % n]: the cycle order is the draw order
         words = self._draw_words(rng, n)
         sep = (self.token_id("SEP"),) if self.sep else ()
