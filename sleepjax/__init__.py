@@ -4,11 +4,12 @@ A hybrid language model (window-local attention + Gated DeltaNet fast weights) t
 window into its fast weights with N extra recurrent passes ("sleep") and then drops its KV cache.
 
 Public API (all pure functions over parameter pytrees):
-    ModelConfig, init, init_state, consolidate, forward, loss, stream_init, stream_step
+    ModelConfig, init, init_state, consolidate, window_kv, forward, loss, stream_init, stream_step
 """
 
 from sleepjax.config import ModelConfig
-from sleepjax.model import FastWeights, Params, consolidate, forward, init, init_state, loss, num_params
+from sleepjax.model import (FastWeights, Params, consolidate, forward, init, init_state, loss, num_params,
+                            window_kv)
 from sleepjax.stream import Stream, stream_init, stream_step
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "num_params",
     "stream_init",
     "stream_step",
+    "window_kv",
 ]

@@ -14,6 +14,9 @@ DTYPES = ("float32", "bfloat16")
 # "pass": jax.checkpoint around each block-stack pass; "window": around each window (all its passes);
 # "both": nested; "none": keep every activation (fastest for tiny models, memory grows with N and windows).
 REMAT_POLICIES = ("none", "pass", "window", "both")
+# "hard": the attention cache is cleared after every window (Algorithm 1). "sliding" (paper section 6.4): after a
+# window is consolidated, attention keeps its last L - 1 tokens, so every token sees the L tokens up to itself.
+EVICTIONS = ("hard", "sliding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,16 @@ class ModelConfig:
     Attention: ``attn_heads`` query heads, ``attn_kv_heads`` key/value heads of ``attn_head_dim``, RoPE with
     positions counted from the window start. GDN: ``gdn_heads`` query/key heads of ``gdn_key_dim``,
     ``gdn_value_heads`` value heads of ``gdn_value_dim``, a causal depthwise conv of ``conv_size`` within the window.
-    ``window`` is L (tokens per window), ``sleep_n`` is N (passes over a consolidation window).
+    ``window`` is L (tokens per window), ``sleep_n`` is N (passes over a consolidation window), ``eviction`` what
+    attention keeps across a window boundary (``EVICTIONS``). ``sleep_layers=(start, stop)``: the sleep passes loop
+    layers start..stop-1 only; the layers before run once before them and the layers from stop once after the last
+    pass (default: all layers loop).
+
+    Options for pretrained checkpoints (defaults are sleepjax's own model): ``attn_output_gate`` (attention output
+    times sigmoid of a second query projection, per head), ``qk_norm`` (RMSNorm over each query/key head before
+    RoPE), ``rope_dim`` (rotate only the first rope_dim dims of each head; None = all), ``norm_weight_offset``
+    (RMSNorms scale by offset + weight: 1.0 for "zero-centred" norm weights; the GDN output norm excluded),
+    ``mlp_free_layers`` (indices of layers without an MLP), ``tie_embeddings`` (logits use the embedding matrix).
     """
 
     vocab_size: int = 256
@@ -48,10 +60,19 @@ class ModelConfig:
     chunk_size: int = 64
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
+    eviction: str = "hard"
+    sleep_layers: tuple[int, int] | None = None
+    attn_output_gate: bool = False
+    qk_norm: bool = False
+    rope_dim: int | None = None
+    norm_weight_offset: float = 0.0
+    mlp_free_layers: tuple[int, ...] = ()
+    tie_embeddings: bool = False
 
     def __post_init__(self):
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        for name in ("layers", "sleep_layers", "mlp_free_layers"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = ("vocab_size", "d_model", "attn_heads", "attn_kv_heads", "attn_head_dim", "gdn_heads",
                     "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n")
         for name in positive:
@@ -68,7 +89,28 @@ class ModelConfig:
                              f"gdn_heads ({self.gdn_heads})")
         if self.attn_head_dim % 2:
             raise ValueError(f"ModelConfig.attn_head_dim must be even for RoPE, got {self.attn_head_dim}")
-        choices = {"ssm_rule": SSM_RULES, "dtype": DTYPES, "remat": REMAT_POLICIES,
+        if self.rope_dim is not None and (not _is_int(self.rope_dim) or self.rope_dim < 2 or self.rope_dim % 2
+                                          or self.rope_dim > self.attn_head_dim):
+            raise ValueError(f"ModelConfig.rope_dim must be None or an even int in [2, attn_head_dim="
+                             f"{self.attn_head_dim}], got {self.rope_dim!r}")
+        num_layers = len(self.layers)
+        if self.sleep_layers is not None:
+            if (not isinstance(self.sleep_layers, tuple) or len(self.sleep_layers) != 2
+                    or not all(_is_int(i) for i in self.sleep_layers)
+                    or not 0 <= self.sleep_layers[0] < self.sleep_layers[1] <= num_layers):
+                raise ValueError(f"ModelConfig.sleep_layers must be None or (start, stop) with 0 <= start < stop <= "
+                                 f"{num_layers} (the number of layers), got {self.sleep_layers!r}")
+        if (not isinstance(self.mlp_free_layers, tuple) or not all(_is_int(i) for i in self.mlp_free_layers)
+                or not all(0 <= i < num_layers for i in self.mlp_free_layers)
+                or len(set(self.mlp_free_layers)) != len(self.mlp_free_layers)):
+            raise ValueError(f"ModelConfig.mlp_free_layers must be a tuple of distinct layer indices in [0, "
+                             f"{num_layers}), got {self.mlp_free_layers!r}")
+        for name in ("attn_output_gate", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.norm_weight_offset, (int, float)) or isinstance(self.norm_weight_offset, bool):
+            raise ValueError(f"ModelConfig.norm_weight_offset must be a number, got {self.norm_weight_offset!r}")
+        choices = {"ssm_rule": SSM_RULES, "dtype": DTYPES, "remat": REMAT_POLICIES, "eviction": EVICTIONS,
                    "gdn_backend": _gdn.BACKENDS, "attn_backend": _attention.BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -84,6 +126,14 @@ class ModelConfig:
     def num_attn_layers(self) -> int:
         return sum(kind == "attn" for kind in self.layers)
 
+    @property
+    def sleep_layer_range(self) -> tuple[int, int]:
+        """(start, stop) of the layers the sleep passes loop."""
+        return self.sleep_layers or (0, len(self.layers))
+
+    def has_mlp(self, layer: int) -> bool:
+        return layer not in self.mlp_free_layers
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -97,6 +147,10 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -59,10 +59,16 @@ def dense(x, w):
     return x @ w.astype(x.dtype)
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, offset=0.0):
+    """RMSNorm over the last axis in float32, scaled by ``offset + weight`` (offset 1.0: zero-centred weights)."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight).astype(x.dtype)
+    return (xf * (offset + weight)).astype(x.dtype)
+
+
+def norm(x, weight, cfg: ModelConfig):
+    """The model's block and final norms (``norm_weight_offset`` applies to these)."""
+    return rms_norm(x, weight, cfg.norm_eps, cfg.norm_weight_offset)
 
 
 def mlp(p, x):
@@ -74,35 +80,85 @@ def mlp(p, x):
 # Attention
 
 
-def rope(x, positions, theta):
-    """Rotary embedding. x [..., T, H, D] (or [..., H, D] with scalar positions); positions [T] or scalar."""
-    half = x.shape[-1] // 2
+def rope(x, positions, theta, rotary_dim=None):
+    """Rotary embedding on the first ``rotary_dim`` dims (default all) of each head, rotating their two halves.
+    x [..., T, H, D] (or [..., H, D] with scalar positions); positions [T] or scalar."""
+    rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
+    half = rotary_dim // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # [T, half] or [half]
     angles = angles[..., None, :]  # broadcast over heads
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., :half], xf[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+    x1, x2, rest = xf[..., :half], xf[..., half:rotary_dim], xf[..., rotary_dim:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], axis=-1).astype(x.dtype)
 
 
-def attention_qkv(p, x, positions, cfg: ModelConfig):
-    """x [..., d] -> q [..., H, D], k and v [..., Hkv, D], RoPE applied at ``positions``."""
+def attention_projections(p, x, cfg: ModelConfig):
+    """x [..., d] -> q [..., H, D], k and v [..., Hkv, D] before RoPE (q/k normalised per head if ``qk_norm``)."""
     lead = x.shape[:-1]
     q = dense(x, p["wq"]).reshape(lead + (cfg.attn_heads, cfg.attn_head_dim))
     k = dense(x, p["wk"]).reshape(lead + (cfg.attn_kv_heads, cfg.attn_head_dim))
     v = dense(x, p["wv"]).reshape(lead + (cfg.attn_kv_heads, cfg.attn_head_dim))
-    return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+    if cfg.qk_norm:
+        q, k = norm(q, p["q_norm"], cfg), norm(k, p["k_norm"], cfg)
+    return q, k, v
 
 
-def attention_output(p, o):
+def _rope(x, positions, cfg: ModelConfig):
+    return rope(x, positions, cfg.rope_theta, cfg.rope_dim)
+
+
+def attention_qkv(p, x, positions, cfg: ModelConfig):
+    """x [..., d] -> q [..., H, D], k and v [..., Hkv, D], RoPE applied at ``positions``."""
+    q, k, v = attention_projections(p, x, cfg)
+    return _rope(q, positions, cfg), _rope(k, positions, cfg), v
+
+
+def attention_output(p, o, x, cfg: ModelConfig):
+    """o [..., H, D] -> [..., d]; with ``attn_output_gate`` each head is first scaled by sigmoid(x W_q_gate)."""
+    if cfg.attn_output_gate:
+        gate = dense(x, p["wq_gate"]).reshape(o.shape)
+        o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(o.dtype)
     return dense(o.reshape(o.shape[:-2] + (-1,)), p["wo"])
 
 
 def attention_window(p, x, cfg: ModelConfig):
     """Causal attention over one window. x [B, T, d] -> [B, T, d]; positions restart at 0 every window."""
     q, k, v = attention_qkv(p, x, jnp.arange(x.shape[1]), cfg)
-    return attention_output(p, _window_attention(q, k, v, cfg))
+    return attention_output(p, _window_attention(q, k, v, cfg), x, cfg)
+
+
+def _masked_attention(q, k, v, mask):
+    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask bool broadcastable to [B, H, Tq, Tk] -> [B, Tq, H, D]."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(q.dtype)
+
+
+def sliding_mask(num_queries: int, context_len: int, window: int, has_context, query_offset=0):
+    """bool [Tq, Lc + Tq']: query i sits at position Lc + query_offset + i of [context | window] and sees the
+    ``window`` positions up to itself; context positions only if ``has_context``."""
+    pos = context_len + query_offset + jnp.arange(num_queries)[:, None]
+    key = jnp.arange(context_len + window)[None, :]
+    return (key <= pos) & (pos - key < window) & ((key >= context_len) | has_context)
+
+
+def attention_window_sliding(p, x, context, cfg: ModelConfig):
+    """Causal attention over one window that also sees the previous window (sliding-window eviction).
+
+    x [B, T, d]; context (k, v, has_context): the previous window's keys (before RoPE) and values [B, L, Hkv, D]
+    and a bool scalar (False: there is no previous window). Positions count from the context's start.
+    Returns ([B, T, d], (k, v) of this window before RoPE: the next window's context).
+    """
+    ctx_k, ctx_v, has_context = context
+    L, T = ctx_k.shape[1], x.shape[1]
+    q, k, v = attention_projections(p, x, cfg)
+    keys = jnp.concatenate([ctx_k, k.astype(ctx_k.dtype)], axis=1)
+    values = jnp.concatenate([ctx_v, v.astype(ctx_v.dtype)], axis=1)
+    q_roped = _rope(q, L + jnp.arange(T), cfg)
+    k_roped = _rope(keys, jnp.arange(L + T), cfg)
+    mask = sliding_mask(T, L, L, has_context)[:, : L + T]
+    o = _masked_attention(q_roped, k_roped, values, mask[None, None])
+    return attention_output(p, o, x, cfg), (k, v)
 
 
 def attention_token(p, x, cache, position, cfg: ModelConfig):
@@ -111,7 +167,22 @@ def attention_token(p, x, cache, position, cfg: ModelConfig):
     k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k[:, None].astype(cache[0].dtype), position, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v[:, None].astype(cache[1].dtype), position, axis=1)
     o = cached_attention_step(q, k_cache, v_cache, position)
-    return attention_output(p, o), (k_cache, v_cache)
+    return attention_output(p, o, x, cfg), (k_cache, v_cache)
+
+
+def attention_token_sliding(p, x, cache, context, position, cfg: ModelConfig):
+    """One token under sliding-window eviction. cache (k, v) [B, L, Hkv, D]: this window's keys (before RoPE) and
+    values; context (k, v, has_context): the previous window's, as in ``attention_window_sliding``."""
+    ctx_k, ctx_v, has_context = context
+    L = ctx_k.shape[1]
+    q, k, v = attention_projections(p, x, cfg)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k[:, None].astype(cache[0].dtype), position, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v[:, None].astype(cache[1].dtype), position, axis=1)
+    keys = _rope(jnp.concatenate([ctx_k, k_cache], axis=1), jnp.arange(2 * L), cfg)
+    values = jnp.concatenate([ctx_v, v_cache], axis=1)
+    mask = sliding_mask(1, L, L, has_context, query_offset=position)
+    o = _masked_attention(_rope(q, L + position, cfg)[:, None], keys, values, mask[None, None])[:, 0]
+    return attention_output(p, o, x, cfg), (k_cache, v_cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +223,7 @@ def gdn_heads(p, conv_out, x, cfg: ModelConfig):
 
 def gdn_output(p, o, x, cfg: ModelConfig):
     """o [..., Hv, Dv] -> RMSNorm(o) per head * SiLU(W_gate x) -> W_o: [..., d]."""
-    o = rms_norm(o, p["o_norm"], cfg.norm_eps)
+    o = rms_norm(o, p["o_norm"], cfg.norm_eps)  # norm_weight_offset does not apply here
     gate = jax.nn.silu(dense(x, p["w_gate"])).reshape(o.shape)
     return dense((o * gate).reshape(o.shape[:-2] + (-1,)), p["wo"])
 

@@ -30,7 +30,7 @@ class Params:
     embed: jax.Array  # [V, d]
     layers: tuple  # dicts, one per layer
     final_norm: jax.Array  # [d]
-    unembed: jax.Array  # [d, V]
+    unembed: jax.Array | None  # [d, V]; None when the config ties it to ``embed``
     config: ModelConfig = flax.struct.field(pytree_node=False)
 
 
@@ -48,21 +48,31 @@ def _init_mlp(key, cfg: ModelConfig):
     return {"w_gate": _normal(k1, (d, f), d), "w_up": _normal(k2, (d, f), d), "w_down": _normal(k3, (f, d), f)}
 
 
+def _norm_weight(cfg: ModelConfig, size: int):
+    """A norm weight that starts as the identity scale: 1 - norm_weight_offset."""
+    return jnp.full((size,), 1.0 - cfg.norm_weight_offset, jnp.float32)
+
+
 def _init_attention(key, cfg: ModelConfig):
+    """The attention mixer; returns (params, the key of its MLP)."""
     k = jax.random.split(key, 5)
     d, hd = cfg.d_model, cfg.attn_head_dim
-    return {
-        "norm1": jnp.ones((d,)),
+    block = {
+        "norm1": _norm_weight(cfg, d),
         "wq": _normal(k[0], (d, cfg.attn_heads * hd), d),
         "wk": _normal(k[1], (d, cfg.attn_kv_heads * hd), d),
         "wv": _normal(k[2], (d, cfg.attn_kv_heads * hd), d),
         "wo": _normal(k[3], (cfg.attn_heads * hd, d), cfg.attn_heads * hd),
-        "norm2": jnp.ones((d,)),
-        "mlp": _init_mlp(k[4], cfg),
     }
+    if cfg.attn_output_gate:
+        block["wq_gate"] = _normal(jax.random.fold_in(key, 1), (d, cfg.attn_heads * hd), d)
+    if cfg.qk_norm:
+        block["q_norm"], block["k_norm"] = _norm_weight(cfg, hd), _norm_weight(cfg, hd)
+    return block, k[4]
 
 
 def _init_gdn(key, cfg: ModelConfig):
+    """The GDN mixer; returns (params, the key of its MLP)."""
     k = jax.random.split(key, 9)
     d, hv, dv = cfg.d_model, cfg.gdn_value_heads, cfg.gdn_value_dim
     channels = layers.gdn_conv_channels(cfg)
@@ -70,7 +80,7 @@ def _init_gdn(key, cfg: ModelConfig):
     a = jax.random.uniform(k[0], (hv,), minval=1.0, maxval=16.0)
     dt = jnp.exp(jax.random.uniform(k[1], (hv,), minval=math.log(1e-3), maxval=math.log(0.1)))
     return {
-        "norm1": jnp.ones((d,)),
+        "norm1": _norm_weight(cfg, d),
         "w_qkv": _normal(k[2], (d, channels), d),
         "conv": jax.random.uniform(k[3], (cfg.conv_size, channels), minval=-1.0, maxval=1.0)
         / math.sqrt(cfg.conv_size),
@@ -81,9 +91,16 @@ def _init_gdn(key, cfg: ModelConfig):
         "w_gate": _normal(k[6], (d, hv * dv), d),
         "o_norm": jnp.ones((dv,)),
         "wo": _normal(k[7], (hv * dv, d), hv * dv),
-        "norm2": jnp.ones((d,)),
-        "mlp": _init_mlp(k[8], cfg),
-    }
+    }, k[8]
+
+
+def init_block(config: ModelConfig, layer: int, key) -> dict:
+    """Fresh parameters of layer ``layer``: its mixer, and its MLP unless the layer is MLP-free."""
+    block, mlp_key = (_init_attention if config.layers[layer] == "attn" else _init_gdn)(key, config)
+    if config.has_mlp(layer):
+        block["norm2"] = _norm_weight(config, config.d_model)
+        block["mlp"] = _init_mlp(mlp_key, config)
+    return block
 
 
 def init(config: ModelConfig, key) -> Params:
@@ -91,13 +108,13 @@ def init(config: ModelConfig, key) -> Params:
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
     keys = jax.random.split(key, len(config.layers) + 2)
-    blocks = tuple((_init_attention if kind == "attn" else _init_gdn)(keys[i], config)
-                   for i, kind in enumerate(config.layers))
+    blocks = tuple(init_block(config, i, keys[i]) for i in range(len(config.layers)))
     return Params(
         embed=jax.random.normal(keys[-2], (config.vocab_size, config.d_model), jnp.float32),
         layers=blocks,
-        final_norm=jnp.ones((config.d_model,)),
-        unembed=_normal(keys[-1], (config.d_model, config.vocab_size), config.d_model),
+        final_norm=_norm_weight(config, config.d_model),
+        unembed=None if config.tie_embeddings else _normal(keys[-1], (config.d_model, config.vocab_size),
+                                                           config.d_model),
         config=config,
     )
 
@@ -119,7 +136,8 @@ _LOGICAL_AXES = {
     "embed": ("vocab", "embed"), "unembed": ("embed", "vocab"), "final_norm": (None,),
     "norm1": (None,), "norm2": (None,), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
     ("attn", "wq"): ("embed", "heads"), ("attn", "wk"): ("embed", "heads"), ("attn", "wv"): ("embed", "heads"),
-    ("attn", "wo"): ("heads", "embed"),
+    ("attn", "wo"): ("heads", "embed"), ("attn", "wq_gate"): ("embed", "heads"), ("attn", "q_norm"): (None,),
+    ("attn", "k_norm"): (None,),
     ("gdn", "w_qkv"): ("embed", None), ("gdn", "conv"): (None, None), ("gdn", "w_a"): ("embed", None),
     ("gdn", "w_b"): ("embed", None), ("gdn", "a_log"): (None,), ("gdn", "dt_bias"): (None,),
     ("gdn", "w_gate"): ("embed", "heads"), ("gdn", "o_norm"): (None,), ("gdn", "wo"): ("heads", "embed"),
@@ -202,50 +220,128 @@ def embed(params: Params, tokens):
 
 def unembed(params: Params, h):
     cfg = params.config
-    return layers.rms_norm(h, params.final_norm, cfg.norm_eps).astype(jnp.float32) @ params.unembed
+    weight = params.embed.T if cfg.tie_embeddings else params.unembed
+    return layers.norm(h, params.final_norm, cfg).astype(jnp.float32) @ weight
+
+
+def _mixer_indices(cfg: ModelConfig) -> list[int]:
+    """For each layer, its index among the layers of its kind (fast weights and KV are kept per kind)."""
+    counts = {"attn": 0, "gdn": 0}
+    out = []
+    for kind in cfg.layers:
+        out.append(counts[kind])
+        counts[kind] += 1
+    return out
+
+
+def _layers_pass(params: Params, h, state: FastWeights, window_kv: tuple, lo: int, hi: int, *, valid=None,
+                 context=None, keep_kv=True):
+    """Layers lo..hi-1 once over a window. h [B, T, d]; ``state`` and ``window_kv`` hold every GDN layer's fast
+    weights and (sliding eviction only, else ``()``) every attention layer's keys/values of this window; only the
+    entries of layers lo..hi-1 change, window_kv's only where ``keep_kv`` (bool, may be traced).
+    ``context``: per attention layer (k, v, has_context) of the previous window (sliding eviction), or None."""
+    cfg = params.config
+    state, window_kv, index = list(state), list(window_kv), _mixer_indices(cfg)
+    for i in range(lo, hi):
+        kind, p, j = cfg.layers[i], params.layers[i], index[i]
+        x = layers.norm(h, p["norm1"], cfg)
+        if kind == "gdn":
+            out, state[j] = layers.gdn_window(p, x, state[j], cfg, valid)
+        elif context is None:
+            out = layers.attention_window(p, x, cfg)
+        else:
+            out, kv = layers.attention_window_sliding(p, x, context[j], cfg)
+            window_kv[j] = kv if keep_kv is True else jax.tree_util.tree_map(
+                lambda new, old: jnp.where(keep_kv, new, old), kv, window_kv[j])
+        h = h + out
+        if cfg.has_mlp(i):
+            h = h + layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
+    return h, tuple(state), tuple(window_kv)
 
 
 def blocks_pass(params: Params, h, state: FastWeights, valid=None):
-    """One pass of the whole stack over a window. h [B, T, d] -> (h, state). ``valid`` [T] bool marks real
-    tokens; padding (False) leaves the fast weights untouched."""
-    cfg = params.config
-    new_state, gdn_index = [], 0
-    for kind, p in zip(cfg.layers, params.layers):
-        x = layers.rms_norm(h, p["norm1"], cfg.norm_eps)
-        if kind == "attn":
-            h = h + layers.attention_window(p, x, cfg)
-        else:
-            out, s = layers.gdn_window(p, x, state[gdn_index], cfg, valid)
-            h, gdn_index = h + out, gdn_index + 1
-            new_state.append(s)
-        h = h + layers.mlp(p["mlp"], layers.rms_norm(h, p["norm2"], cfg.norm_eps))
-    return h, tuple(new_state)
-
-
-def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, valid=None):
-    """``n`` passes as a ``lax.scan`` (compile time stays flat in n). Returns the last pass's (h, state).
-
-    ``active`` (traced int32, optional): only the first ``active`` passes run, the rest pass the carry through.
-    One scan then serves both wake (active = 1) and sleep (active = n), so the block stack is compiled once.
-    """
-    step = functools.partial(blocks_pass, valid=valid)
-    if params.config.remat in ("pass", "both"):
-        step = jax.checkpoint(step)
-
-    def body(carry, i):
-        if active is None:
-            return step(params, *carry), None
-        return jax.lax.cond(i < active, lambda c: step(params, *c), lambda c: c, carry), None
-
-    (h, state), _ = jax.lax.scan(body, (h, state), jnp.arange(n))
+    """One pass of the whole stack over a window (hard eviction). h [B, T, d] -> (h, state). ``valid`` [T] bool
+    marks real tokens; padding (False) leaves the fast weights untouched."""
+    h, state, _ = _layers_pass(params, h, state, (), 0, len(params.config.layers), valid=valid)
     return h, state
 
 
-def consolidate(params: Params, state: FastWeights, ctx, *, n: int | None = None) -> FastWeights:
+def _empty_window_kv(params: Params, h):
+    cfg = params.config
+    shape = h.shape[:2] + (cfg.attn_kv_heads, cfg.attn_head_dim)
+    return tuple((jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype)) for _ in range(cfg.num_attn_layers))
+
+
+def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, valid=None, context=None):
+    """A window: the layers before ``sleep_layers`` once, ``n`` passes of the sleep layers as a ``lax.scan``
+    (compile time stays flat in n), the layers after them once on the last pass's output.
+
+    ``active`` (traced int32, optional): only the first ``active`` passes run, the rest pass the carry through.
+    One scan then serves both wake (active = 1) and sleep (active = n), so the block stack is compiled once.
+    ``context`` (sliding eviction): per attention layer (k, v, has_context) of the previous window.
+    Returns (h, state, window_kv): window_kv holds every attention layer's keys/values of the WAKE pass (the first;
+    sliding eviction keeps those for the next window, the one place this choice is made), () under hard eviction.
+    """
+    cfg = params.config
+    lo, hi = cfg.sleep_layer_range
+    depth = len(cfg.layers)
+    sliding = context is not None
+    window_kv = _empty_window_kv(params, h) if sliding else ()
+    run = functools.partial(_layers_pass, params, valid=valid, context=context)
+    h, state, window_kv = run(h, state, window_kv, 0, lo)
+
+    def one_pass(h, state, window_kv, first):
+        return run(h, state, window_kv, lo, hi, keep_kv=first)
+
+    if cfg.remat in ("pass", "both"):
+        one_pass = jax.checkpoint(one_pass)
+
+    def body(carry, i):
+        h, state, window_kv, h_wake = carry
+        if active is None:
+            h, state, window_kv = one_pass(h, state, window_kv, i == 0)
+        else:
+            h, state, window_kv = jax.lax.cond(i < active, lambda c: one_pass(*c, i == 0), lambda c: c,
+                                               (h, state, window_kv))
+        if h_wake is not None:
+            h_wake = jnp.where(i == 0, h, h_wake)
+        return (h, state, window_kv, h_wake), None
+
+    # Sliding eviction keeps the wake pass's keys/values of the layers after the sleep layers too: those layers
+    # then also run once on the first pass's output (their fast weights from that run are discarded).
+    suffix_attention = any(kind == "attn" for kind in cfg.layers[hi:])
+    h_wake = h if sliding and suffix_attention and n > 1 else None
+    (h, state, window_kv, h_wake), _ = jax.lax.scan(body, (h, state, window_kv, h_wake), jnp.arange(n))
+    if h_wake is not None:
+        _, _, wake_kv = run(h_wake, state, window_kv, hi, depth)
+        h, state, _ = run(h, state, window_kv, hi, depth)
+        window_kv = wake_kv
+    else:
+        h, state, window_kv = run(h, state, window_kv, hi, depth)
+    return h, state, window_kv
+
+
+def _check_context(context, params: Params, batch_size: int):
+    cfg = params.config
+    if context is None:
+        return None
+    if cfg.eviction != "sliding":
+        raise ValueError("context (the previous window's keys/values) is only used with eviction='sliding'")
+    expected = (batch_size, cfg.window, cfg.attn_kv_heads, cfg.attn_head_dim)
+    if not isinstance(context, tuple) or len(context) != cfg.num_attn_layers or any(
+            len(kv) != 2 or tuple(kv[0].shape) != expected or tuple(kv[1].shape) != expected for kv in context):
+        raise ValueError(f"context must be a tuple of {cfg.num_attn_layers} (k, v) pairs (one per attention layer), "
+                         f"each {expected} [B, L, Hkv, D], as returned by window_kv")
+    return tuple((k, v, jnp.asarray(True)) for k, v in context)
+
+
+def consolidate(params: Params, state: FastWeights, ctx, *, n: int | None = None, context=None) -> FastWeights:
     """Sleep over one window: ``n`` (default ``config.sleep_n``) passes of the stack over ctx.
 
     ctx: int32 tokens [B, T] with 1 <= T <= window; state: fast weights (see ``init_state``).
-    Returns only the new fast weights; hidden states and KV are discarded. Pure: jit, grad and vmap apply.
+    context (eviction='sliding' only): the previous window's keys/values (``window_kv``), which ctx's attention
+    also sees; None: no previous window. Returns only the new fast weights; hidden states and KV are discarded.
+    Pure: jit, grad and vmap apply.
     """
     cfg = params.config
     n = cfg.sleep_n if n is None else check_n(n)
@@ -253,16 +349,51 @@ def consolidate(params: Params, state: FastWeights, ctx, *, n: int | None = None
     if not 1 <= ctx.shape[1] <= cfg.window:
         raise ValueError(f"ctx must hold 1 <= T <= window={cfg.window} tokens, got T={ctx.shape[1]}")
     check_state(state, params, ctx.shape[0])
-    _, state = run_passes(params, embed(params, ctx), state, n)
+    context = _check_context(context, params, ctx.shape[0])
+    if cfg.eviction == "sliding" and context is None:
+        context = _no_context(params, ctx.shape[0])
+    return sleep(params, state, ctx, n, context)
+
+
+def sleep(params: Params, state: FastWeights, ctx, n: int, context=None) -> FastWeights:
+    """``consolidate`` without the input checks; context as run_passes takes it: (k, v, has_context) triples."""
+    _, state, _ = run_passes(params, embed(params, ctx), state, n, context=context)
     return state
 
 
-def _window(params: Params, state: FastWeights, tokens, loss_mask, valid):
+def _no_context(params: Params, batch_size: int):
+    """The context of the first window (sliding eviction): nothing visible."""
+    cfg = params.config
+    shape = (batch_size, cfg.window, cfg.attn_kv_heads, cfg.attn_head_dim)
+    zeros = jnp.zeros(shape, layers.dtype_of(cfg))
+    return tuple((zeros, zeros, jnp.asarray(False)) for _ in range(cfg.num_attn_layers))
+
+
+def window_kv(params: Params, ctx, state: FastWeights, context=None):
+    """Sliding eviction: the keys (before RoPE) and values every attention layer keeps from window ctx [B, L]
+    (those of its wake pass from ``state``), i.e. the ``context`` of the next window's ``consolidate``."""
+    cfg = params.config
+    if cfg.eviction != "sliding":
+        raise ValueError("window_kv is only defined for eviction='sliding'")
+    check_tokens("ctx", ctx, cfg, 2, "[B, T]")
+    if ctx.shape[1] != cfg.window:
+        raise ValueError(f"ctx must hold a full window of {cfg.window} tokens, got T={ctx.shape[1]}")
+    check_state(state, params, ctx.shape[0])
+    context = _check_context(context, params, ctx.shape[0]) or _no_context(params, ctx.shape[0])
+    _, _, kv = run_passes(params, embed(params, ctx), state, 1, context=context)
+    return kv
+
+
+def _window(params: Params, carry, tokens, loss_mask, valid):
     """Algorithm 1 on one window: sleep (N passes) if no position is supervised, else wake (one pass)."""
     cfg = params.config
+    state, context = carry
     active = None if cfg.sleep_n == 1 else jnp.where(jnp.any(loss_mask), 1, cfg.sleep_n)
-    h, state = run_passes(params, embed(params, tokens), state, cfg.sleep_n, active=active, valid=valid)
-    return state, unembed(params, h)
+    h, state, kv = run_passes(params, embed(params, tokens), state, cfg.sleep_n, active=active, valid=valid,
+                              context=context)
+    if context is not None:
+        context = tuple((k, v, jnp.asarray(True)) for k, v in kv)
+    return (state, context), unembed(params, h)
 
 
 def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None, *, return_state: bool = False):
@@ -271,7 +402,8 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     loss_mask [B, T] bool: position t's prediction (of token t+1) is supervised. A window with no supervised
     position in any example is consolidated with N passes; any other window gets one. Returns logits
     [B, T, V] float32 (in a consolidation window, those of its last pass), plus the final fast weights if
-    ``return_state``. ``state`` defaults to zeros (S is zero once per sequence).
+    ``return_state``. ``state`` defaults to zeros (S is zero once per sequence). Under sliding eviction every
+    window's attention also sees the previous window's wake-pass keys/values (the first window sees none).
     """
     cfg = params.config
     check_tokens("tokens", tokens, cfg, 2, "[B, T]")
@@ -294,11 +426,12 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     valid = jnp.arange(num_windows * L) < T
     windows = (tokens.reshape(B, num_windows, L).swapaxes(0, 1), loss_mask.reshape(B, num_windows, L).swapaxes(0, 1),
                valid.reshape(num_windows, L))
+    context = _no_context(params, B) if cfg.eviction == "sliding" else None
 
-    def body(s, xs):
-        return window_fn(params, s, *xs)
+    def body(carry, xs):
+        return window_fn(params, carry, *xs)
 
-    state, logits = jax.lax.scan(body, state, windows)  # logits [num_windows, B, L, V]
+    (state, _), logits = jax.lax.scan(body, (state, context), windows)  # logits [num_windows, B, L, V]
     logits = logits.swapaxes(0, 1).reshape(B, num_windows * L, -1)[:, :T]
     return (logits, state) if return_state else logits
 

@@ -1,7 +1,8 @@
 """Streaming wake: one token at a time with a window-local KV cache; the stream sleeps by itself.
 
 When the window fills, the fast weights are re-derived by ``consolidate`` (N passes) from the S saved at the
-window's start over the window's tokens, and the caches are cleared. Per-token cost depends on the window
+window's start over the window's tokens, and the caches are cleared (sliding eviction: the window's keys and
+values stay visible to the next window, whose tokens each see the L tokens up to themselves). Per-token cost depends on the window
 size L, never on how long the stream has run. For N = 1 the slept S equals the one the wake path produced.
 """
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sleepjax import layers
-from sleepjax.model import FastWeights, Params, check_tokens, consolidate, embed, init_state, unembed
+from sleepjax.model import FastWeights, Params, check_tokens, embed, init_state, sleep, unembed
 
 
 @flax.struct.dataclass
@@ -20,7 +21,9 @@ class Stream:
     fast_weights: FastWeights  # S after every token seen so far, one [B, Hv, Dk, Dv] per GDN layer
     window_start: FastWeights  # S at the start of the current window: where sleep starts from
     window_tokens: jax.Array  # int32 [B, L]: the current window's tokens (slots >= position are stale)
-    kv_cache: tuple  # per attention layer (k, v), each [B, L, Hkv, D]
+    kv_cache: tuple  # per attention layer (k, v), each [B, L, Hkv, D] (sliding eviction: keys before RoPE)
+    context_kv: tuple  # sliding eviction: per attention layer the previous window's (k, v) as in kv_cache; else ()
+    has_context: jax.Array  # bool scalar: context_kv holds a previous window
     conv_cache: tuple  # per GDN layer [B, K-1, C]: the last raw projections of this window
     position: jax.Array  # int32 scalar: slot of the next token in the window
     sleeps: jax.Array  # int32 scalar: windows consolidated so far
@@ -42,7 +45,9 @@ def stream_init(params: Params, batch_size: int, state: FastWeights | None = Non
     kv, conv = _empty_caches(params, batch_size)
     return Stream(fast_weights=state, window_start=state,
                   window_tokens=jnp.zeros((batch_size, params.config.window), jnp.int32), kv_cache=kv,
-                  conv_cache=conv, position=jnp.zeros((), jnp.int32), sleeps=jnp.zeros((), jnp.int32))
+                  context_kv=kv if params.config.eviction == "sliding" else (),
+                  has_context=jnp.zeros((), bool), conv_cache=conv, position=jnp.zeros((), jnp.int32),
+                  sleeps=jnp.zeros((), jnp.int32))
 
 
 def _wake_token(params: Params, stream: Stream, token):
@@ -51,16 +56,21 @@ def _wake_token(params: Params, stream: Stream, token):
     h = embed(params, token)
     fast_weights, kv, conv = list(stream.fast_weights), list(stream.kv_cache), list(stream.conv_cache)
     attn_i = gdn_i = 0
-    for kind, p in zip(cfg.layers, params.layers):
-        x = layers.rms_norm(h, p["norm1"], cfg.norm_eps)
-        if kind == "attn":
+    for i, (kind, p) in enumerate(zip(cfg.layers, params.layers)):
+        x = layers.norm(h, p["norm1"], cfg)
+        if kind == "attn" and cfg.eviction == "sliding":
+            context = (*stream.context_kv[attn_i], stream.has_context)
+            out, kv[attn_i] = layers.attention_token_sliding(p, x, kv[attn_i], context, stream.position, cfg)
+            attn_i += 1
+        elif kind == "attn":
             out, kv[attn_i] = layers.attention_token(p, x, kv[attn_i], stream.position, cfg)
             attn_i += 1
         else:
             out, fast_weights[gdn_i], conv[gdn_i] = layers.gdn_token(p, x, fast_weights[gdn_i], conv[gdn_i], cfg)
             gdn_i += 1
         h = h + out
-        h = h + layers.mlp(p["mlp"], layers.rms_norm(h, p["norm2"], cfg.norm_eps))
+        if cfg.has_mlp(i):
+            h = h + layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
     window_tokens = jax.lax.dynamic_update_slice_in_dim(stream.window_tokens, token[:, None].astype(jnp.int32),
                                                         stream.position, axis=1)
     stream = stream.replace(fast_weights=tuple(fast_weights), kv_cache=tuple(kv), conv_cache=tuple(conv),
@@ -69,10 +79,14 @@ def _wake_token(params: Params, stream: Stream, token):
 
 
 def _sleep(params: Params, stream: Stream) -> Stream:
-    """Consolidate the full window from the S at its start, then clear the caches."""
-    state = consolidate(params, stream.window_start, stream.window_tokens)
+    """Consolidate the full window from the S at its start, then clear the caches. Sliding eviction: the window's
+    keys/values (those of its wake pass: the ones the stream computed token by token) become the context."""
+    sliding = params.config.eviction == "sliding"
+    context = tuple((k, v, stream.has_context) for k, v in stream.context_kv) if sliding else None
+    state = sleep(params, stream.window_start, stream.window_tokens, params.config.sleep_n, context)
     kv, conv = _empty_caches(params, stream.window_tokens.shape[0])
     return stream.replace(fast_weights=state, window_start=state, kv_cache=kv, conv_cache=conv,
+                          context_kv=stream.kv_cache if sliding else (), has_context=jnp.asarray(sliding),
                           position=jnp.zeros((), jnp.int32), sleeps=stream.sleeps + 1)
 
 
