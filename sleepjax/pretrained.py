@@ -1,0 +1,406 @@
+"""Pretrained checkpoints in Hugging Face format: a local directory -> ``Params`` (and back), with the tokenizer.
+
+    params = sleepjax.pretrained.load("/ckpt/Qwen3.5-2B", window=2000, sleep_n=4, sleep_layers=(7, 21))
+    params = sleepjax.pretrained.load("/ckpt/Qwen3-1.7B", insert_gdn=6, window=512)  # the paper's Ouro recipe
+    sleepjax.pretrained.save(params, "/out/finetuned")
+
+Families (``FAMILIES``, by config.json's ``model_type``):
+* ``qwen3_5_text`` / ``qwen3_5``: Qwen3.5 dense text models (``Qwen3_5ForCausalLM``, and the text tower of a
+  ``Qwen3_5ForConditionalGeneration`` checkpoint: vision and multi-token-prediction weights are skipped). GDN layers
+  (grouped value heads, gated output norm) and gated full attention (q/k norm, partial RoPE, output gate); norms
+  scale by 1 + w except the GDN output norm.
+* ``qwen3``: Qwen3 dense (attention only). ``insert_gdn=K`` adds K fresh GDN layers without an MLP, evenly spaced
+  between the pretrained layers (which stay untouched); their output projections start at zero, so the model's
+  logits equal the original's until training moves them.
+* ``sleepjax``: what ``save`` writes for a model no Hugging Face class describes (e.g. Qwen3 + inserted GDN): the
+  same tensor names, and the full ``ModelConfig`` in config.json.
+
+Nothing is fetched from the network. Attention layers attend within sleepjax's window (``window`` override;
+default: the checkpoint's ``max_position_embeddings``): with one window and N = 1 the model is the original one.
+Weights are read with ``safetensors`` (float32 params; bf16 checkpoints are upcast) and transposed to sleepjax's
+[in, out] layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from sleepjax.config import ModelConfig
+from sleepjax.model import Params, init_block
+
+SKIPPED_PREFIXES = ("model.visual.", "mtp.")  # vision tower, multi-token prediction: not part of the text model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: the message names the file, key or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is not a directory")
+    if not config_file.exists():
+        raise CheckpointError(f"{config_file} is missing: a Hugging Face checkpoint directory needs config.json")
+    return json.loads(config_file.read_text())
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or a sharded index)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.exists():
+                raise CheckpointError(f"{shard.name}, listed in {index.name}, is missing from {path}")
+        return files
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="numpy") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+
+
+class _Tensors:
+    """Lazy access to a checkpoint's tensors by name, each checked for its expected shape."""
+
+    def __init__(self, path: Path, prefix: str):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy so safetensors can read bf16 tensors)
+
+        self.files, self.prefix, self.used = _tensor_files(path), prefix, set()
+        self._handles: dict[Path, Any] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        from safetensors import safe_open
+
+        full = self.prefix + name if not name.startswith("lm_head") else name
+        if full not in self.files:
+            raise CheckpointError(f"tensor {full!r} is missing from the checkpoint")
+        file = self.files[full]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="numpy").__enter__()
+        value = np.asarray(self._handles[file].get_tensor(full)).astype(np.float32)
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {full!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        self.used.add(full)
+        return value
+
+    def unused(self) -> list[str]:
+        return sorted(n for n in self.files if n not in self.used and not n.startswith(SKIPPED_PREFIXES))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families: config.json -> ModelConfig fields, and the tensor names of each block
+
+
+def _need(cfg: dict, key: str, where: str):
+    if key not in cfg:
+        raise CheckpointError(f"config.json ({where}) lacks {key!r}: refusing to guess a shape")
+    return cfg[key]
+
+
+def _rope_parameters(cfg: dict, default_fraction: float) -> tuple[float, float]:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"config.json: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+    fraction = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_fraction))
+    return float(theta), float(fraction)
+
+
+def _common_fields(cfg: dict, where: str, default_fraction: float) -> dict:
+    if cfg.get("attention_bias", False):
+        raise CheckpointError("config.json: attention_bias=true is not supported (sleepjax attention has no biases)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    head_dim = int(_need(cfg, "head_dim", where))
+    theta, fraction = _rope_parameters(cfg, default_fraction)
+    rope_dim = int(head_dim * fraction)
+    return dict(
+        vocab_size=int(_need(cfg, "vocab_size", where)), d_model=int(_need(cfg, "hidden_size", where)),
+        attn_heads=int(_need(cfg, "num_attention_heads", where)),
+        attn_kv_heads=int(_need(cfg, "num_key_value_heads", where)), attn_head_dim=head_dim,
+        mlp_dim=int(_need(cfg, "intermediate_size", where)), rope_theta=theta,
+        rope_dim=None if rope_dim == head_dim else rope_dim, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_norm=True, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        window=int(cfg.get("max_position_embeddings", 2048)))
+
+
+def _qwen3_5_fields(cfg: dict) -> tuple[dict, str]:
+    """(ModelConfig fields, tensor-name prefix) of a Qwen3.5 config (CausalLM or ConditionalGeneration)."""
+    prefix = "model."
+    text = cfg
+    if cfg.get("model_type") == "qwen3_5":
+        text = _need(cfg, "text_config", "qwen3_5")
+        prefix = "model.language_model."
+    fields = _common_fields(text, "text_config" if text is not cfg else "qwen3_5_text", 0.25)
+    # The top-level key decides tying for a ConditionalGeneration checkpoint (it is the model's own config).
+    fields["tie_embeddings"] = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        interval = int(text.get("full_attention_interval", 4))
+        layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                       for i in range(int(_need(text, "num_hidden_layers", "text_config")))]
+    kinds = {"linear_attention": "gdn", "full_attention": "attn"}
+    if any(t not in kinds for t in layer_types):
+        raise CheckpointError(f"config.json: layer_types must hold only {tuple(kinds)}, got {sorted(set(layer_types))}")
+    fields.update(
+        layers=tuple(kinds[t] for t in layer_types), gdn_heads=int(_need(text, "linear_num_key_heads", "text")),
+        gdn_value_heads=int(_need(text, "linear_num_value_heads", "text")),
+        gdn_key_dim=int(_need(text, "linear_key_head_dim", "text")),
+        gdn_value_dim=int(_need(text, "linear_value_head_dim", "text")),
+        conv_size=int(text.get("linear_conv_kernel_dim", 4)), attn_output_gate=True, norm_weight_offset=1.0)
+    return fields, prefix
+
+
+def _qwen3_fields(cfg: dict) -> tuple[dict, str]:
+    if cfg.get("use_sliding_window", False) or "sliding_attention" in (cfg.get("layer_types") or []):
+        raise CheckpointError("config.json: Qwen3 sliding-window layers are not supported")
+    fields = _common_fields(cfg, "qwen3", 1.0)
+    fields["layers"] = ("attn",) * int(_need(cfg, "num_hidden_layers", "qwen3"))
+    return fields, "model."
+
+
+def _sleepjax_fields(cfg: dict) -> tuple[dict, str]:
+    saved = dict(_need(cfg, "sleepjax_config", "sleepjax"))
+    for key in ("layers", "sleep_layers", "mlp_free_layers"):
+        if isinstance(saved.get(key), list):
+            saved[key] = tuple(saved[key])
+    return saved, "model."
+
+
+FAMILIES: dict[str, Callable[[dict], tuple[dict, str]]] = {
+    "qwen3_5_text": _qwen3_5_fields, "qwen3_5": _qwen3_5_fields, "qwen3": _qwen3_fields, "sleepjax": _sleepjax_fields,
+}
+
+
+# Block tensors: (sleepjax key path, Hugging Face name, how the HF [out, in] tensor maps to ours). Shapes are ours.
+def _linear(x):
+    return x.T
+
+
+def _attention_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    d, H, Hkv, D = cfg.d_model, cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
+    names = [(("wk",), "self_attn.k_proj.weight", (d, Hkv * D)), (("wv",), "self_attn.v_proj.weight", (d, Hkv * D)),
+             (("wo",), "self_attn.o_proj.weight", (H * D, d))]
+    if cfg.qk_norm:
+        names += [(("q_norm",), "self_attn.q_norm.weight", (D,)), (("k_norm",), "self_attn.k_norm.weight", (D,))]
+    return names
+
+
+def _gdn_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    d, hv, dv = cfg.d_model, cfg.gdn_value_heads, cfg.gdn_value_dim
+    channels = 2 * cfg.gdn_heads * cfg.gdn_key_dim + hv * dv
+    return [(("w_qkv",), "linear_attn.in_proj_qkv.weight", (d, channels)),
+            (("w_gate",), "linear_attn.in_proj_z.weight", (d, hv * dv)),
+            (("w_b",), "linear_attn.in_proj_b.weight", (d, hv)), (("w_a",), "linear_attn.in_proj_a.weight", (d, hv)),
+            (("a_log",), "linear_attn.A_log", (hv,)), (("dt_bias",), "linear_attn.dt_bias", (hv,)),
+            (("o_norm",), "linear_attn.norm.weight", (dv,)), (("wo",), "linear_attn.out_proj.weight", (hv * dv, d))]
+
+
+def _mlp_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    d, f = cfg.d_model, cfg.mlp_dim
+    return [(("norm2",), "post_attention_layernorm.weight", (d,)),
+            (("mlp", "w_gate"), "mlp.gate_proj.weight", (d, f)), (("mlp", "w_up"), "mlp.up_proj.weight", (d, f)),
+            (("mlp", "w_down"), "mlp.down_proj.weight", (f, d))]
+
+
+def _hf_shape(ours: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(ours))
+
+
+def _block_names(cfg: ModelConfig, layer: int):
+    names = [(("norm1",), "input_layernorm.weight", (cfg.d_model,))]
+    names += _attention_names(cfg) if cfg.layers[layer] == "attn" else _gdn_names(cfg)
+    return names + (_mlp_names(cfg) if cfg.has_mlp(layer) else [])
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _read_block(tensors: _Tensors, cfg: ModelConfig, layer: int, hf_layer: int) -> dict:
+    block: dict = {}
+    base = f"layers.{hf_layer}."
+    for path, name, shape in _block_names(cfg, layer):
+        value = tensors.get(base + name, _hf_shape(shape))
+        _set(block, path, value.T if value.ndim == 2 else value)
+    if cfg.layers[layer] == "gdn":
+        channels = block["w_qkv"].shape[1]
+        block["conv"] = tensors.get(base + "linear_attn.conv1d.weight", (channels, 1, cfg.conv_size))[:, 0, :].T
+    if cfg.layers[layer] == "attn":
+        H, D = cfg.attn_heads, cfg.attn_head_dim
+        width = 2 * D if cfg.attn_output_gate else D
+        q = tensors.get(base + "self_attn.q_proj.weight", (H * width, cfg.d_model)).reshape(H, width, cfg.d_model)
+        block["wq"] = q[:, :D].reshape(H * D, cfg.d_model).T
+        if cfg.attn_output_gate:  # rows of head h: [query_h; gate_h]
+            block["wq_gate"] = q[:, D:].reshape(H * D, cfg.d_model).T
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def inserted_positions(num_pretrained: int, count: int) -> tuple[int, ...]:
+    """Where ``count`` inserted GDN layers go among ``num_pretrained`` layers: evenly spaced, each after pretrained
+    layer round((j + 1) * num_pretrained / (count + 1)) - 1. Returns their indices in the combined stack."""
+    after = [round((j + 1) * num_pretrained / (count + 1)) for j in range(count)]
+    return tuple(a + j for j, a in enumerate(after))
+
+
+def load_config(path: str | os.PathLike, *, insert_gdn: int = 0, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (plus ``insert_gdn`` MLP-free GDN layers and any overrides)."""
+    path = Path(path)
+    hf = _read_config(path)
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; supported: {tuple(FAMILIES)}")
+    fields, _ = FAMILIES[model_type](hf)
+    if not isinstance(insert_gdn, int) or insert_gdn < 0:
+        raise ValueError(f"insert_gdn must be an int >= 0, got {insert_gdn!r}")
+    if insert_gdn:
+        had_gdn = "gdn" in fields["layers"]
+        positions = inserted_positions(len(fields["layers"]), insert_gdn)
+        kinds = list(fields["layers"])
+        for p in positions:
+            kinds.insert(p, "gdn")
+        fields["layers"] = tuple(kinds)
+        fields["mlp_free_layers"] = tuple(fields.get("mlp_free_layers", ())) + positions
+        if not had_gdn:  # GDN sizes follow the attention's: key heads = KV heads, value heads = query heads
+            fields.update(gdn_heads=fields["attn_kv_heads"], gdn_value_heads=fields["attn_heads"],
+                          gdn_key_dim=fields["attn_head_dim"], gdn_value_dim=fields["attn_head_dim"])
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+    return ModelConfig(**{**fields, **overrides})
+
+
+def load(path: str | os.PathLike, *, insert_gdn: int = 0, key=None, **overrides: Any) -> Params:
+    """float32 ``Params`` from a local Hugging Face checkpoint directory (see the module docstring).
+
+    insert_gdn: K fresh GDN layers without an MLP, evenly spaced (initialised from ``key``, default PRNGKey(0);
+    output projections zero). overrides: ModelConfig fields (window, sleep_n, sleep_layers, dtype, remat, ...).
+    Raises CheckpointError naming the missing file, unsupported model_type, missing or mis-shaped tensor.
+    """
+    path = Path(path)
+    hf = _read_config(path)
+    cfg = load_config(path, insert_gdn=insert_gdn, **overrides)
+    _, prefix = FAMILIES[hf["model_type"]](hf)
+    tensors = _Tensors(path, prefix)
+    inserted = set(inserted_positions(len(cfg.layers) - insert_gdn, insert_gdn)) if insert_gdn else set()
+    key = jax.random.PRNGKey(0) if key is None else key
+    blocks, hf_layer = [], 0
+    for i in range(len(cfg.layers)):
+        if i in inserted:
+            block = jax.tree_util.tree_map(np.asarray, init_block(cfg, i, jax.random.fold_in(key, i)))
+            block["wo"] = np.zeros_like(block["wo"])  # the inserted layer adds nothing until trained
+        else:
+            block, hf_layer = _read_block(tensors, cfg, i, hf_layer), hf_layer + 1
+        blocks.append(block)
+    embed = tensors.get("embed_tokens.weight", (cfg.vocab_size, cfg.d_model))
+    final_norm = tensors.get("norm.weight", (cfg.d_model,))
+    unembed = None if cfg.tie_embeddings else tensors.get("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T
+    unused = [n for n in tensors.unused() if not (cfg.tie_embeddings and n == "lm_head.weight")]
+    if unused:
+        raise CheckpointError(f"the checkpoint holds tensors this model does not use: {unused[:5]}"
+                              f"{' ...' if len(unused) > 5 else ''} (an unsupported variant?)")
+    params = Params(embed=embed, layers=tuple(blocks), final_norm=final_norm, unembed=unembed, config=cfg)
+    return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, jax.numpy.float32), params)
+
+
+def family_of(cfg: ModelConfig) -> str:
+    """The format ``save`` writes: a Hugging Face family when one describes the model exactly, else "sleepjax"."""
+    all_mlp = not cfg.mlp_free_layers
+    if all_mlp and cfg.qk_norm and cfg.attn_output_gate and cfg.norm_weight_offset == 1.0:
+        return "qwen3_5_text"
+    if (all_mlp and cfg.qk_norm and not cfg.attn_output_gate and cfg.norm_weight_offset == 0.0
+            and cfg.num_gdn_layers == 0):
+        return "qwen3"
+    return "sleepjax"
+
+
+def _hf_config(cfg: ModelConfig, family: str) -> dict:
+    if family == "sleepjax":
+        return {"model_type": "sleepjax", "architectures": ["SleepjaxHybrid"],
+                "sleepjax_config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    rotary = (cfg.rope_dim or cfg.attn_head_dim) / cfg.attn_head_dim
+    out = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
+           "num_hidden_layers": len(cfg.layers), "num_attention_heads": cfg.attn_heads,
+           "num_key_value_heads": cfg.attn_kv_heads, "head_dim": cfg.attn_head_dim, "rms_norm_eps": cfg.norm_eps,
+           "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+           "max_position_embeddings": cfg.window, "dtype": "float32",
+           "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": rotary}}
+    if family == "qwen3":
+        return {**out, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
+    return {**out, "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"],
+            "layer_types": ["linear_attention" if k == "gdn" else "full_attention" for k in cfg.layers],
+            "linear_num_key_heads": cfg.gdn_heads, "linear_num_value_heads": cfg.gdn_value_heads,
+            "linear_key_head_dim": cfg.gdn_key_dim, "linear_value_head_dim": cfg.gdn_value_dim,
+            "linear_conv_kernel_dim": cfg.conv_size}
+
+
+def save(params: Params, path: str | os.PathLike) -> str:
+    """Writes ``config.json`` and ``model.safetensors`` (float32) to ``path`` in the format of ``family_of``:
+    loading them back gives exactly ``params``. A Qwen3.5 model is written as ``Qwen3_5ForCausalLM`` (text only).
+    Returns the family written."""
+    from safetensors.numpy import save_file
+
+    cfg = params.config
+    family = family_of(cfg)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    tensors = {"model.embed_tokens.weight": host.embed, "model.norm.weight": host.final_norm}
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = host.unembed.T
+    for i, block in enumerate(host.layers):
+        base = f"model.layers.{i}."
+        for key_path, name, _ in _block_names(cfg, i):
+            value = _get(block, key_path)
+            tensors[base + name] = value.T if value.ndim == 2 else value
+        if cfg.layers[i] == "gdn":
+            tensors[base + "linear_attn.conv1d.weight"] = block["conv"].T[:, None, :]
+        else:
+            H, D = cfg.attn_heads, cfg.attn_head_dim
+            q = block["wq"].T.reshape(H, D, cfg.d_model)
+            if cfg.attn_output_gate:
+                q = np.concatenate([q, block["wq_gate"].T.reshape(H, D, cfg.d_model)], axis=1)
+            tensors[base + "self_attn.q_proj.weight"] = q.reshape(-1, cfg.d_model)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(_hf_config(cfg, family), indent=2))
+    return family
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer (``tokenizer.json``, read with the ``tokenizers`` package)."""
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.exists():
+        raise CheckpointError(f"{file} is missing: the tokenizer is read from tokenizer.json")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file))
