@@ -60,3 +60,47 @@ def test_test_split_and_default_ignore_the_curriculum():
 def test_bad_hop_stage_is_named(bad):
     with pytest.raises(ValueError, match="hop_stage"):
         Depo(preset="cpu", hop_stage=bad)
+
+
+@pytest.mark.parametrize("options", [dict(max_hops=2), dict(max_hops=4), dict(max_hops=2, hop_stage=4),
+                                     dict(max_hops=3, min_nodes=3, train_n="uniform", questions=20)])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_distinct_questions_repeat_no_pair_before_all_were_asked(options, split):
+    task = Depo(preset="cpu", distinct_questions=True, **options)
+    for index in range(12):
+        ex = task.example(6, index, split)
+        edges, questions = parse(task, ex.tokens)
+        n, asked = ex.meta["n"], [(q["query"], q["k"]) for q in questions]
+        for q in questions:
+            assert follow(edges, q["query"], q["k"]) == q["answer"]
+        if split == "train":  # pairs over all k allowed at this index, counted here from the options
+            limit = min(task.max_hops, 1 + index // options["hop_stage"]) if "hop_stage" in options else task.max_hops
+            assert max(k for _, k in asked) <= limit
+            per_round = n * limit
+            for start in range(0, len(asked), per_round):
+                chunk = asked[start:start + per_round]
+                assert len(set(chunk)) == len(chunk), (index, chunk)
+        else:  # the hops are the held-out cycle; per k, no query repeats before all n nodes were asked
+            assert [k for _, k in asked] == [int(k) for k in ex.meta["difficulty"]]
+            for k in set(k for _, k in asked):
+                words = [w for w, kk in asked if kk == k]
+                for start in range(0, len(words), n):
+                    assert len(set(words[start:start + n])) == len(words[start:start + n])
+
+
+def test_distinct_questions_keep_graphs_and_default():
+    plain, distinct = Depo(preset="cpu"), Depo(preset="cpu", distinct_questions=True)
+    for index in range(4):  # same held-out graphs with and without the option
+        a, b = plain.example(0, index, "test"), distinct.example(0, index, "test")
+        assert np.array_equal(a.tokens[:plain.context_len], b.tokens[:plain.context_len])
+        assert np.array_equal(a.meta["difficulty"], b.meta["difficulty"])
+    # without the option, 16 questions over 8 nodes x 4 hops repeat some pair in most examples; with it, none does
+    repeats = [len(set(zip(plain.example(1, i).meta["queries"], plain.example(1, i).meta["hops"]))) < 16
+               for i in range(20)]
+    assert sum(repeats) >= 10
+    assert all(len(set(zip(e.meta["queries"], e.meta["hops"]))) == 16
+               for e in (distinct.example(1, i) for i in range(20)))
+    x, y = distinct.example(3, 7), Depo(preset="cpu", distinct_questions=True).example(3, 7)
+    assert np.array_equal(x.tokens, y.tokens)
+    with pytest.raises(ValueError, match="distinct_questions"):
+        Depo(preset="cpu", distinct_questions=1)

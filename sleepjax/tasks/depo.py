@@ -12,6 +12,7 @@ from sleepjax.tasks.base import Example, Task, example_rng
 TRAIN_N = ("weighted", "uniform")
 TEST_HOPS = ("powers", "all")
 SPECIALS = ("PAD", "BOS", "SEP", "ANS")
+QUESTION_ONLY = ("hop_stage", "distinct_questions")  # options that change the questions, never the graphs
 
 
 def _is_int(value: Any) -> bool:
@@ -48,13 +49,17 @@ class Depo(Task):
     Train: n from ``train_n`` over {min_nodes..max_nodes} ("weighted": P(n=i) proportional to 1/(i + sqrt(N))),
     k ~ Uniform{1..K}, or with a hop curriculum (``hop_stage`` > 0) k ~ Uniform{1..K_i} for training example i,
     ``K_i = min(K, 1 + i // hop_stage)`` (``hop_curriculum``): the largest k grows by one every ``hop_stage``
-    examples, a pure function of the example index (so of seed and step). Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
+    examples, a pure function of the example index (so of seed and step). With ``distinct_questions`` no
+    (query, k) pair repeats within an example before every pair has been asked (train: the questions walk a
+    shuffled list of all pairs with k <= K_i; test: the questions of each k walk a shuffled list of the nodes), so
+    an answer cannot be copied from an earlier identical question of the same example. Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
     test k gets an equal share of a run of examples.
     """
 
     DEFAULTS: Mapping[str, Any] = dict(
         max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
-        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers", hop_stage=0)
+        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers", hop_stage=0,
+        distinct_questions=False)
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "paper": dict(DEFAULTS),
         # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
@@ -67,13 +72,14 @@ class Depo(Task):
                  alphabet: int | None = None, word_len_min: int | None = None, word_len_max: int | None = None,
                  questions: int | None = None, window: int | None = None, context_len: int | None = None,
                  sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
-                 test_hops: str | None = None, hop_stage: int | None = None, preset: str | None = None):
+                 test_hops: str | None = None, hop_stage: int | None = None,
+                 distinct_questions: bool | None = None, preset: str | None = None):
         if preset is not None and preset not in self.PRESETS:
             raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
         given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
                      word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
                      context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops,
-                     hop_stage=hop_stage)
+                     hop_stage=hop_stage, distinct_questions=distinct_questions)
         options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
                    **{k: v for k, v in given.items() if v is not None}}
         self._validate(options)
@@ -84,6 +90,7 @@ class Depo(Task):
         self.questions, self.window, self.context_len = options["questions"], options["window"], options["context_len"]
         self.sep, self.bos, self.train_n = bool(options["sep"]), bool(options["bos"]), options["train_n"]
         self.hop_stage = int(options["hop_stage"])
+        self.distinct_questions = bool(options["distinct_questions"])
 
         self.name = "depo"
         self.difficulty_name = "k"
@@ -106,9 +113,9 @@ class Depo(Task):
         weights = (1.0 / (self._node_counts + math.sqrt(self.max_nodes)) if self.train_n == "weighted"
                    else np.ones(len(self._node_counts)))
         self.train_n_probs = weights / weights.sum()
-        # The curriculum stays out of the salt: it changes only the hops drawn in training, so the held-out set
-        # (and the data of every setting without a curriculum) is the same with and without one.
-        self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "hop_stage")
+        # Options that change only which questions are asked stay out of the salt: the data of every setting
+        # without them is unchanged, and the held-out graphs are the same with and without them.
+        self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()) if k not in QUESTION_ONLY)
 
     @staticmethod
     def _validate(o: Mapping[str, Any]) -> None:
@@ -132,7 +139,7 @@ class Depo(Task):
         need_int("questions", 1)
         need_int("window", 1)
         need_int("hop_stage", 0)
-        for key in ("sep", "bos"):
+        for key in ("sep", "bos", "distinct_questions"):
             if not isinstance(o[key], (bool, np.bool_)):
                 raise ValueError(f"{key} must be a bool, got {o[key]!r}")
         if o["test_hops"] not in TEST_HOPS:
@@ -157,6 +164,22 @@ class Depo(Task):
             return self.max_hops
         return min(self.max_hops, 1 + int(index) // self.hop_stage)
 
+    def _distinct_pairs(self, rng: np.random.Generator, n: int, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(queries, hops) of the questions: a walk through shuffled lists of all n * max_k (query, k) pairs."""
+        pairs = np.array([(q, k) for q in range(n) for k in range(1, max_k + 1)], dtype=np.int32)
+        rounds = -(-self.questions // len(pairs))
+        walk = np.concatenate([pairs[rng.permutation(len(pairs))] for _ in range(rounds)])[:self.questions]
+        return walk[:, 0], walk[:, 1]
+
+    def _distinct_queries(self, rng: np.random.Generator, n: int, hops: np.ndarray) -> np.ndarray:
+        """Queries for given hops: the questions of each k walk shuffled lists of the n nodes."""
+        queries = np.empty(len(hops), dtype=np.int64)
+        for k in np.unique(hops):
+            slots = np.flatnonzero(hops == k)
+            rounds = -(-len(slots) // n)
+            queries[slots] = np.concatenate([rng.permutation(n) for _ in range(rounds)])[:len(slots)]
+        return queries
+
     def _draw_words(self, rng: np.random.Generator, n: int) -> list[tuple[int, ...]]:
         """n distinct node words (tuples of token ids), each of a uniform length in word_len_min..word_len_max."""
         words: list[tuple[int, ...]] = []
@@ -177,7 +200,8 @@ class Depo(Task):
                              for j in range(self.questions)], dtype=np.int32)
         else:
             n = int(rng.choice(self._node_counts, p=self.train_n_probs))
-            hops = rng.integers(1, self.hop_curriculum(index) + 1, size=self.questions).astype(np.int32)
+            hops = (None if self.distinct_questions else
+                    rng.integers(1, self.hop_curriculum(index) + 1, size=self.questions).astype(np.int32))
         # words[i] -> words[(i + 1) % n]: the cycle order is the draw order
         words = self._draw_words(rng, n)
         sep = (self.token_id("SEP"),) if self.sep else ()
@@ -191,7 +215,12 @@ class Depo(Task):
         loss_mask = np.zeros(self.seq_len, dtype=bool)
         item = np.full(self.seq_len, -1, dtype=np.int32)
 
-        queries = rng.integers(0, n, size=self.questions)
+        if not self.distinct_questions:
+            queries = rng.integers(0, n, size=self.questions)
+        elif hops is None:
+            queries, hops = self._distinct_pairs(rng, n, self.hop_curriculum(index))
+        else:
+            queries = self._distinct_queries(rng, n, hops)
         answers = (queries + hops) % n
         for j, start in enumerate(self.question_starts):
             query, answer = words[queries[j]], words[answers[j]]
