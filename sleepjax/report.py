@@ -1,7 +1,9 @@
-"""Comparison of runs that differ in N (and seed): ``results.md`` and ``accuracy.png``.
+"""Comparison of runs that differ in N, seed or baseline: ``results.md`` and ``accuracy.png``.
 
-Runs are compared at equal training sequences (the paper's x-axis); wall-clock and the cost of sleep (seconds
-per step relative to N = 1) are reported beside them.
+Runs are grouped by their label (``label.txt`` in the run directory, written by the launcher: "N = 4",
+"transformer (full context)", ...; default "N = <n>"). Over seeds each group reports the mean and the spread
+(min-max) per difficulty, every seed's value in a table of its own, and the plot draws the mean with a min-max
+band. Wall-clock and the cost of sleep (seconds per step relative to N = 1) are reported beside them.
 """
 
 from __future__ import annotations
@@ -17,11 +19,29 @@ import numpy as np
 from sleepjax.metrics_log import read_metrics
 
 
+LABEL_FILE = "label.txt"
+
+
+def run_label(run_dir: str | os.PathLike, sleep_n: int) -> str:
+    path = Path(run_dir) / LABEL_FILE
+    return path.read_text().strip() if path.exists() else f"N = {sleep_n}"
+
+
 def load_run(run_dir: str | os.PathLike) -> dict:
     run_dir = Path(run_dir)
     results = json.loads((run_dir / "results.json").read_text())
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
-    return {"dir": str(run_dir), "results": results, "evals": evals}
+    return {"dir": str(run_dir), "results": results, "evals": evals,
+            "label": run_label(run_dir, results["sleep_n"])}
+
+
+def _groups(runs: list[dict]) -> dict[str, list[dict]]:
+    """Runs by label, labels in order of (sleep_n, label), each group's runs by seed."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run["label"]].append(run)
+    order = sorted(groups, key=lambda label: (min(r["results"]["sleep_n"] for r in groups[label]), label))
+    return {label: sorted(groups[label], key=lambda r: r["results"]["seed"]) for label in order}
 
 
 def difficulty_keys(runs: list[dict]) -> list[str]:
@@ -40,76 +60,104 @@ def hardest_reached(evals: list[dict], keys: list[str], level: float) -> str:
 
 
 def _fmt(values, digits=3):
+    """One value as is; several as ``mean [min-max]``."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    text = "/".join(f"{v:.{digits}f}" for v in values)
-    return f"{np.mean(values):.{digits}f} ({text})" if len(values) > 1 else text
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
 def comparison_table(runs: list[dict], level: float = 0.5) -> str:
-    """Markdown table: one row per N (seeds side by side as ``mean (s0/s1/...)``)."""
-    by_n = defaultdict(list)
-    for run in runs:
-        by_n[run["results"]["sleep_n"]].append(run)
+    """Markdown table: one row per label; over seeds ``mean [min-max]``."""
+    groups = _groups(runs)
     keys = difficulty_keys(runs)
-    base = by_n.get(1)
-    base_time = np.mean([r["results"]["seconds_per_step"] for r in base]) if base else None
-    head = ["N", "seeds", "sequences", "exact (all)"] + [k.split("/")[1] for k in keys]
-    head += [f"hardest >= {level:.0%} (first at)", "s / step", "sleep cost", "wall-clock"]
+    base = groups.get("N = 1")
+    base_time = np.mean([r["results"]["seconds_per_step"] or np.nan for r in base]) if base else None
+    head = ["run", "seeds", "sequences", "exact (all)"] + [k.split("/")[1] for k in keys]
+    head += [f"hardest >= {level:.0%} (first at)", "s / step", "cost vs N = 1", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for n in sorted(by_n):
-        group = sorted(by_n[n], key=lambda r: r["results"]["seed"])
+    for label, group in groups.items():
         res = [r["results"] for r in group]
         step_time = [r["seconds_per_step"] for r in res]
-        row = [str(n), ",".join(str(r["seed"]) for r in res), str(res[0]["sequences"]),
+        known = [t for t in step_time if t is not None]
+        row = [label, ",".join(str(r["seed"]) for r in res), "/".join(sorted({str(r["sequences"]) for r in res})),
                _fmt([r["final_eval"].get("exact") for r in res])]
         row += [_fmt([r["final_eval"].get(k) for r in res], 2) for k in keys]
         row += ["; ".join(hardest_reached(r["evals"], keys, level) for r in group),
                 _fmt(step_time, 3),
-                f"{np.mean(step_time) / base_time:.2f}x" if base_time else "-",
+                f"{np.mean(known) / base_time:.2f}x" if base_time and known else "-",
                 _fmt([r["wall_clock_s"] / 60 for r in res], 1) + " min"]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def seeds_table(runs: list[dict]) -> str:
+    """Every run's final held-out exact accuracy per difficulty (one row per label and seed)."""
+    keys = difficulty_keys(runs)
+    lines = ["| run | seed | exact (all) | " + " | ".join(k.split("/")[1] for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    for label, group in _groups(runs).items():
+        for run in group:
+            final = run["results"]["final_eval"]
+            lines.append(f"| {label} | {run['results']['seed']} | {final.get('exact', float('nan')):.3f} | " +
+                         " | ".join(f"{final.get(k, float('nan')):.2f}" for k in keys) + " |")
     return "\n".join(lines)
 
 
 def best_table(runs: list[dict]) -> str:
     """Best held-out exact accuracy per difficulty over each run's evaluations (shows what was learnt at all)."""
     keys = difficulty_keys(runs)
-    lines = ["| N | seed | " + " | ".join(f"best {k.split('/')[1]}" for k in keys) + " |",
+    lines = ["| run | seed | " + " | ".join(f"best {k.split('/')[1]}" for k in keys) + " |",
              "|" + "---|" * (len(keys) + 2)]
-    for run in sorted(runs, key=lambda r: (r["results"]["sleep_n"], r["results"]["seed"])):
-        best = [max((row.get(k, 0.0) for row in run["evals"]), default=0.0) for k in keys]
-        lines.append(f"| {run['results']['sleep_n']} | {run['results']['seed']} | " +
-                     " | ".join(f"{b:.2f}" for b in best) + " |")
+    for label, group in _groups(runs).items():
+        for run in group:
+            best = [max((row.get(k, 0.0) for row in run["evals"]), default=0.0) for k in keys]
+            lines.append(f"| {label} | {run['results']['seed']} | " + " | ".join(f"{b:.2f}" for b in best) + " |")
     return "\n".join(lines)
 
 
+def _curves(group: list[dict], key: str):
+    """Training sequences (thousands) and the seeds' accuracies [seeds, points] at the eval points every seed has."""
+    common = sorted(set.intersection(*(set(row["sequences"] for row in run["evals"]) for run in group)))
+    values = np.array([[next((row.get(key, np.nan) for row in run["evals"] if row["sequences"] == x), np.nan)
+                        for x in common] for run in group], dtype=float)
+    return np.array(common) / 1e3, values
+
+
 def plot_accuracy(runs: list[dict], path: str | os.PathLike) -> None:
-    """Held-out exact accuracy vs training sequences, one panel per difficulty, one colour per N."""
+    """Held-out exact accuracy vs training sequences, one panel per difficulty, one colour per run label: the mean
+    over seeds, with a min-max band and error bars at the evaluations when there are several seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = difficulty_keys(runs) or ["exact"]
-    ns = sorted({r["results"]["sleep_n"] for r in runs})
-    colors = {n: plt.get_cmap("viridis")(i / max(len(ns) - 1, 1)) for i, n in enumerate(ns)}
+    groups = _groups(runs)
+    colors = {label: plt.get_cmap("viridis")(i / max(len(groups) - 1, 1)) for i, label in enumerate(groups)}
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
-        labelled = set()
-        for run in sorted(runs, key=lambda r: (r["results"]["sleep_n"], r["results"]["seed"])):
-            n = run["results"]["sleep_n"]
-            xs = [row["sequences"] / 1e3 for row in run["evals"]]
-            ys = [row.get(key, np.nan) for row in run["evals"]]
-            ax.plot(xs, ys, color=colors[n], alpha=0.85, lw=1.5, label=None if n in labelled else f"N = {n}")
-            labelled.add(n)
+        for label, group in groups.items():
+            xs, values = _curves(group, key)
+            if not len(xs):
+                continue
+            seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
+            mean = np.nanmean(values, axis=0)
+            if len(group) > 1:
+                low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+                ax.fill_between(xs, low, high, color=colors[label], alpha=0.15, lw=0)
+                ax.errorbar(xs, mean, yerr=[mean - low, high - mean], color=colors[label], lw=1.5, capsize=2,
+                            elinewidth=0.8, label=label + seeds)
+            else:
+                ax.plot(xs, mean, color=colors[label], lw=1.5, label=label)
         ax.set_title(key.replace("exact/", ""))
         ax.set_xlabel("training sequences (thousands)")
         ax.grid(alpha=0.3)
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("held-out exact accuracy")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0][-1].legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -120,9 +168,10 @@ def write_comparison(workdir: str | os.PathLike, run_dirs: list[str | os.PathLik
     runs = [load_run(d) for d in run_dirs]
     workdir = Path(workdir)
     plot_accuracy(runs, workdir / "accuracy.png")
-    text = (f"# {title or 'Sleep sweep'}\n\nFinal held-out exact accuracy per N at an equal number of training "
-            f"sequences (several seeds: `mean (seed values)`); sleep cost = seconds per step relative to N = 1.\n\n"
-            f"{comparison_table(runs)}\n\n## Best accuracy reached during training\n\n{best_table(runs)}\n\n"
-            f"![held-out exact accuracy](accuracy.png)\n")
+    text = (f"# {title or 'Sleep sweep'}\n\nFinal held-out exact accuracy per run (several seeds: `mean [min-max]`); "
+            f"cost = seconds per step relative to N = 1.\n\n{comparison_table(runs)}\n\n"
+            f"## Every seed\n\n{seeds_table(runs)}\n\n"
+            f"## Best accuracy reached during training\n\n{best_table(runs)}\n\n"
+            f"![held-out exact accuracy (mean over seeds, min-max band)](accuracy.png)\n")
     (workdir / "results.md").write_text(text)
     return text

@@ -50,7 +50,16 @@ def test_report_writes_table_and_plot(tmp_path):
             "sleep_n": n, "seed": seed, "sequences": 300 * 64, "seconds_per_step": 0.1 * (1 + n / 4),
             "wall_clock_s": 60.0, "difficulty_name": "k", "final_eval": evals[-1]}))
         run_dirs.append(d)
-    text = report.write_comparison(tmp_path, run_dirs, title="test")
-    assert "| 4 | 0,1 | 19200 | 0.800 (0.900/0.700)" in text
+    (run_dirs[0] / "label.txt").write_text("N = 1\n")
+    baseline = tmp_path / "transformer_seed0"
+    baseline.mkdir()
+    (baseline / "label.txt").write_text("transformer (full context)")
+    (baseline / "metrics.jsonl").write_text((run_dirs[0] / "metrics.jsonl").read_text())
+    (baseline / "results.json").write_text((run_dirs[0] / "results.json").read_text())
+    text = report.write_comparison(tmp_path, run_dirs + [baseline], title="test")
+    # Seeds: mean [min-max] per difficulty; every seed in its own table; labels group runs.
+    assert "| N = 4 | 0,1 | 19200 | 0.800 [0.700-0.900] | 1.00 [1.00-1.00] | 0.80 [0.70-0.90] |" in text
+    assert "| N = 4 | 1 | 0.700 | 1.00 | 0.70 |" in text and "| N = 4 | 0 | 0.900 | 1.00 | 0.90 |" in text
+    assert "| transformer (full context) | 0 | 19200 | 0.200 |" in text
     assert "1.60x" in text  # sleep cost: N = 4 at 0.2 s/step vs N = 1 at 0.125
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
