@@ -202,3 +202,51 @@ def test_weighted_train_n_distribution():
 def test_bad_options(options, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         Depo(**options)
+
+
+def chi_square_p(counts, expected):
+    """p-value of Pearson's chi-square statistic (df = bins - 1)."""
+    from scipy.stats import chi2
+
+    counts, expected = np.asarray(counts, float), np.asarray(expected, float)
+    return float(chi2.sf(np.sum((counts - expected) ** 2 / expected), len(counts) - 1))
+
+
+def test_edges_are_listed_in_shuffled_order_not_cycle_order():
+    """In a uniformly shuffled edge list of an n-cycle, two consecutive edges are adjacent on the cycle (one's
+    dst is the other's src, either way round) with probability 2/(n-1); in cycle order (or its reverse, or a
+    rotation of it) always. And the edge leaving the cycle's first word sits at a uniform position."""
+    task = Depo(preset="cpu")  # n = 8
+    n, examples = task.max_nodes, 300
+    adjacent = pairs = 0
+    first_edge_position = Counter()
+    for index in range(examples):
+        ex = task.example(3, index, "train")
+        edges, _ = parse(task, ex.tokens)
+        for (s1, d1), (s2, d2) in zip(edges, edges[1:]):
+            adjacent += d1 == s2 or d2 == s1
+            pairs += 1
+        cycle = ex.meta["cycle"]
+        first_edge_position[[" ".join(src) for src, _ in edges].index(cycle[0])] += 1
+    assert abs(adjacent / pairs - 2 / (n - 1)) < 0.06, adjacent / pairs  # 2/7 = 0.286; sd of the mean ~0.01
+    assert chi_square_p([first_edge_position[i] for i in range(n)], [examples / n] * n) > 1e-4
+
+
+def test_train_hops_are_uniform_over_one_to_max_hops():
+    task = Depo(max_nodes=6, min_nodes=3, max_hops=8, alphabet=8, word_len_min=1, word_len_max=1, questions=10,
+                window=12, context_len=12)
+    counts = Counter(int(k) for i in range(300) for k in task.example(1, i, "train").meta["difficulty"])
+    assert set(counts) == set(range(1, 9))
+    assert chi_square_p([counts[k] for k in range(1, 9)], [3000 / 8] * 8) > 1e-4, counts
+
+
+def test_train_node_counts_follow_the_weighted_distribution():
+    """P(n = i) proportional to 1/(i + sqrt(N)) over {min_nodes..N}, by a chi-square test (3000 draws)."""
+    task = Depo(max_nodes=16, min_nodes=3, max_hops=2, alphabet=16, word_len_min=1, word_len_max=1, questions=1,
+                window=4, context_len=32)
+    counts = Counter(task.example(4, i, "train").meta["n"] for i in range(3000))
+    weights = np.array([1 / (i + 4.0) for i in range(3, 17)])
+    expected = 3000 * weights / weights.sum()
+    assert chi_square_p([counts[i] for i in range(3, 17)], expected) > 1e-4, counts
+    # the same draws are far from uniform: the test can tell the two apart
+    assert chi_square_p([counts[i] for i in range(3, 17)], [3000 / 14] * 14) < 1e-6

@@ -407,3 +407,19 @@ def test_symbolic_filler_is_unknown():
 def test_symbolic_names_must_suffice():
     with pytest.raises(ValueError, match="var_digits"):
         GSMInfinite(subset="symbolic", var_digits=2, fill_tokens=(1000, 2000), window=1000, context_len=2000)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_symbolic"])
+def test_train_op_is_uniform_over_op_min_to_op_max(preset):
+    """op ~ Uniform{op_min..op_max} in training (chi-square, 400 draws), and every example carries its op."""
+    from collections import Counter
+
+    from scipy.stats import chi2
+
+    task = GSMInfinite(preset=preset, op_min=2, op_max=5)
+    ops = [task.problem(3, i, "train").op for i in range(400)]
+    counts = np.array([Counter(ops)[op] for op in range(2, 6)], float)
+    assert counts.sum() == 400, Counter(ops)
+    statistic = np.sum((counts - 100.0) ** 2 / 100.0)
+    assert chi2.sf(statistic, 3) > 1e-4, counts
+    assert task.example(3, 0, "train").meta["difficulty"].tolist() == [ops[0]]

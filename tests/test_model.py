@@ -250,3 +250,24 @@ def test_orbax_round_trip(tmp_path):
         restored = ckpt.restore(tmp_path / "params", abstract)
     assert restored.config == params.config
     assert_trees_close(restored, params, 0.0, "restored")
+
+
+def test_a_window_sleeps_iff_no_example_of_the_batch_supervises_it():
+    """Window 0 supervised by the LAST example only, by the first only, or by all: it wakes in all three (same
+    logits everywhere); with no supervision in any example it sleeps (N = 3), which changes its logits and,
+    through the fast weights, those of the later windows."""
+    params = small_model(sleep_n=3)
+    tokens = random_tokens(case_key("decide-batch"), 3, 24)
+    base = np.zeros((3, 24), bool)
+    base[:, 20] = True  # the last window wakes in every case
+    masks = {}
+    for name, rows in (("last", [2]), ("first", [0]), ("all", [0, 1, 2]), ("none", [])):
+        m = base.copy()
+        m[rows, 3] = True
+        masks[name] = m
+    f = jax.jit(sleepjax.forward)
+    out = {name: np.asarray(f(params, tokens, m)) for name, m in masks.items()}
+    np.testing.assert_array_equal(out["last"], out["all"])
+    np.testing.assert_array_equal(out["first"], out["all"])
+    assert rel_err(out["none"][:, :8], out["all"][:, :8]) > 1e-2
+    assert rel_err(out["none"][:, 8:], out["all"][:, 8:]) > 1e-2

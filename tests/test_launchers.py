@@ -1,0 +1,121 @@
+"""Every launcher end to end for a few steps: ``experiments.rule110`` and ``experiments.gsm_infinite`` as single runs,
+``experiments.depo`` as a 2-N sweep with ``--parallel=2`` (the README's main-job command) writing results.md and
+accuracy.png. A micro model (d = 16, one attention and one GDN layer; the sweep: the tiny preset with one attention
+and one GDN layer) and tiny batches; the three commands start together (four trainings, ~20 s of CPU each, mostly
+XLA compilation) and the tests then read their outputs.
+"""
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import finished_checkpoints
+from sleepjax.metrics_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = dict(d_model=16, layers="attn,gdn", attn_heads=1, attn_kv_heads=1, attn_head_dim=8, gdn_heads=1,
+             gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8, mlp_dim=32, chunk_size=16)
+MICRO_FLAGS = [f"--model_set={k}={v}" for k, v in MICRO.items()]
+COMMON = ["--steps=3", "--batch_size=4", "--eval_size=4", "--eval_every=2", "--checkpoint_every=2",
+          "--log_every=1", "--warmup_steps=1"]
+# The sweep passes a single --model_set: with several, every child of a --parallel sweep fails at start (see
+# test_sweep_children_get_every_model_set_flag).
+COMMANDS = {
+    "rule110": ["experiments.rule110", "--width=6", "--strings=2", "--t=1", "--sleep_n=2", *MICRO_FLAGS],
+    "gsm_infinite": ["experiments.gsm_infinite", "--op_max=3", "--sleep_n=2", *MICRO_FLAGS],
+    "depo_sweep": ["experiments.depo", "--sweep_n=1,2", "--parallel=2", "--max_hops=2", "--questions=4",
+                   "--model_set=layers=attn,gdn"],
+}
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts the three launchers at once and waits for all of them: {name: (returncode, output, workdir)}."""
+    root = tmp_path_factory.mktemp("launchers")
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+    procs = {}
+    for name, (module, *args) in COMMANDS.items():
+        log = (root / f"{name}.log").open("w")
+        procs[name] = (subprocess.Popen([sys.executable, "-m", module, *args, *COMMON, f"--workdir={root / name}"],
+                                        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    deadline = time.time() + TIMEOUT
+    out = {}
+    for name, (proc, log) in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        out[name] = (proc.returncode, (root / f"{name}.log").read_text(), root / name)
+    return out
+
+
+def finished(runs, name):
+    code, output, workdir = runs[name]
+    assert code == 0, f"{name} exited {code}:\n{output[-3000:]}"
+    return workdir, output
+
+
+def check_run(run_dir, difficulty_keys, sleep_n):
+    """A run of 3 steps: results, metrics (train every step, eval at 2 and 3), checkpoints at 2 and 3 (the final
+    step is saved although 3 is not a multiple of checkpoint_every=2), and the flags in config.json."""
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 3 and results["sleep_n"] == sleep_n
+    assert set(k for k in results["final_eval"] if k.startswith("exact/")) == set(difficulty_keys)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 3]
+    assert 3 in finished_checkpoints(run_dir), "the final step must be checkpointed"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["layers"] == ["attn", "gdn"] and config["model"]["sleep_n"] == sleep_n
+    assert config["train"]["steps"] == 3 and config["train"]["batch_size"] == 4
+    return config
+
+
+def test_rule110_single_run(runs):
+    workdir, output = finished(runs, "rule110")
+    config = check_run(workdir, ["exact/t=1"], sleep_n=2)
+    assert config["task_options"]["width"] == 6 and config["task_options"]["t"] == 1
+    assert "eval @ 3" in output
+
+
+def test_gsm_infinite_single_run(runs):
+    workdir, _ = finished(runs, "gsm_infinite")
+    config = check_run(workdir, ["exact/op=1", "exact/op=2", "exact/op=3"], sleep_n=2)  # test ops cycle 1, 2, 3, 1
+    assert config["task_options"]["op_max"] == 3
+
+
+def test_depo_sweep_writes_comparison(runs):
+    workdir, output = finished(runs, "depo_sweep")
+    for n in (1, 2):
+        config = check_run(workdir / f"N{n}_seed0", ["exact/k=1", "exact/k=2"], sleep_n=n)
+        # the sweep's children must get every flag given to the parent (task flags included)
+        assert config["task_options"]["max_hops"] == 2 and config["task_options"]["questions"] == 4
+    text = (workdir / "results.md").read_text()
+    for n in (1, 2):  # a table row per N ("| 1 |" or "| N = 1 |")
+        assert any(re.match(rf"\|\s*(N\s*=\s*)?{n}\s*\|", line) for line in text.splitlines()), text
+    assert (workdir / "accuracy.png").stat().st_size > 1000
+    assert "wrote" in output and "results.md" in output
+
+
+@pytest.mark.xfail(strict=True, reason="bug in experiments/common.py _child_command: a repeated flag (--model_set) "
+                   "is serialized as ONE argument with newlines, so every child of a --parallel sweep given two "
+                   "--model_set flags dies at start; remove this marker with the fix")
+def test_sweep_children_get_every_model_set_flag():
+    code = ("import sys; from absl import flags; from experiments import common, depo; flags.FLAGS(sys.argv); "
+            "print(repr(common._child_command('experiments.depo', depo.TASK_FLAGS, 2, 0, 'w')))")
+    out = subprocess.run([sys.executable, "-c", code, "--model_set=d_model=16", "--model_set=mlp_dim=32",
+                          "--max_hops=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    command = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert "--model_set=d_model=16" in command and "--model_set=mlp_dim=32" in command, command
+    assert "--max_hops=2" in command and "--sleep_n=2" in command
