@@ -1,18 +1,37 @@
 """Training: a pure, jitted train step and a plain loop around it (checkpoints, evaluation, logs).
 
 Batches are a pure function of (seed, step), so a run killed at any moment and started again with the same
-workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run.
+workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run. What a
+run does when things go wrong:
+
+- SIGTERM (how pods and spot nodes announce preemption): a checkpoint at the next step boundary, logs flushed, then
+  ``Preempted`` (a SystemExit with code ``PREEMPTED_EXIT_CODE`` = 75, EX_TEMPFAIL): run the same command to resume.
+  Several processes stop at the step JAX's preemption sync point names, so all of them save the same step.
+- An unreadable newest checkpoint: one line naming the step and the reason, the checkpoint moved to
+  ``damaged_checkpoints/`` (kept), and the run resumes from the newest one that restores.
+- A larger ``steps`` than the workdir's run: the run is extended from its last checkpoint. The learning-rate
+  schedule stays the one of the run's first ``steps`` (``lr_schedule_steps`` in config.json); the added steps train
+  at its final rate. Any other changed setting is refused, naming it.
+- A non-finite loss: FloatingPointError naming the step and the last good checkpoint (or that there is none).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import gc
+import io
 import json
+import logging
 import math
 import os
+import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,15 +41,32 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sleepjax import model as model_lib
 from sleepjax import optim, sharding
 from sleepjax.config import ModelConfig
 from sleepjax.evaluate import evaluate
-from sleepjax.metrics_log import MetricsLog, Throughput, format_duration
+from sleepjax.metrics_log import MetricsLog, Throughput, Window, WindowStore, format_duration
 from sleepjax.tasks import Task
 
 SCHEDULES = ("cosine", "constant")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; run the same command again to resume
+_now = time.perf_counter  # the loop's clock (a module attribute, so tests can drive it)
+
+
+class Preempted(SystemExit):
+    """Raised by ``train`` once the checkpoint at ``step`` is saved after a preemption notice. A SystemExit, so
+    uncaught it ends the process with ``PREEMPTED_EXIT_CODE`` and no traceback."""
+
+    def __init__(self, step: int, checkpoints: Path):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
+        self.message = (f"preempted: saved the checkpoint at step {step} in {checkpoints}; exit code "
+                        f"{PREEMPTED_EXIT_CODE}: run the same command again to resume")
+
+    def __str__(self):
+        return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +121,21 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return optim.make_optimizer(name=cfg.optimizer, total_steps=cfg.steps, muon_lr=cfg.muon_lr, adam_lr=cfg.adam_lr,
-                                warmup_steps=cfg.warmup_steps, schedule_kind=cfg.lr_schedule,
+def make_optimizer(cfg: TrainConfig, schedule_steps: int | None = None) -> optax.GradientTransformation:
+    """The optimizer of ``cfg``; its learning-rate schedule spans ``schedule_steps`` (default ``cfg.steps``) and
+    stays at its final value after them (how an extended run trains its added steps)."""
+    return optim.make_optimizer(name=cfg.optimizer, total_steps=schedule_steps or cfg.steps, muon_lr=cfg.muon_lr,
+                                adam_lr=cfg.adam_lr, warmup_steps=cfg.warmup_steps, schedule_kind=cfg.lr_schedule,
                                 final_lr_fraction=cfg.final_lr_fraction, weight_decay=cfg.weight_decay,
                                 grad_clip=cfg.grad_clip or None)
+
+
+def learning_rates(cfg: TrainConfig, schedule_steps: int):
+    """step -> {"adam_lr", ["muon_lr"]}: the rates the optimizer applied at that (1-based) step, for the logs."""
+    peaks = {"adam_lr": cfg.adam_lr, **({"muon_lr": cfg.muon_lr} if cfg.optimizer == "muon" else {})}
+    fns = {k: optim.schedule(v, schedule_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.final_lr_fraction)
+           for k, v in peaks.items()}
+    return lambda step: {k: float(fn(step - 1)) for k, fn in fns.items()}
 
 
 def init_train_state(model_cfg: ModelConfig, cfg: TrainConfig, tx) -> TrainState:
@@ -113,6 +159,22 @@ def train_step(state: TrainState, batch: dict, *, tx) -> tuple[TrainState, dict]
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+_OPTIMIZER_FIELDS = ("optimizer", "muon_lr", "adam_lr", "weight_decay", "warmup_steps", "lr_schedule",
+                     "final_lr_fraction", "grad_clip")
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_step(model_cfg: ModelConfig, optimizer_settings: tuple, schedule_steps: int, mesh):
+    """The jitted train step, shared by the ``train`` calls of one process that train the same model with the
+    same optimizer on the same mesh (a sweep over seeds, a run resumed in the same process): compiled once."""
+    cfg = TrainConfig(**dict(optimizer_settings))  # only the optimizer's fields are read
+    tx = make_optimizer(cfg, schedule_steps)
+    state_sharding = train_state_shardings(jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx)),
+                                           model_cfg, mesh)
+    return jax.jit(functools.partial(train_step, tx=tx), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Creates the workdir and proves it writable before any work starts."""
     path = Path(workdir)
@@ -132,17 +194,184 @@ def _run_description(task: Task, model_cfg: ModelConfig, cfg: TrainConfig) -> di
             "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mesh",)}}
 
 
-def _check_same_run(workdir: Path, description: dict) -> None:
-    """A workdir holds one run: resuming with other settings would silently mix two experiments."""
+_COMPARED = ("task", "task_options", "model", "train")
+
+
+def _read_run_record(workdir: Path) -> dict | None:
     path = workdir / "config.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(description)):
-            diff = sorted(_diff_keys(saved, json.loads(json.dumps(description))))
-            raise ValueError(f"workdir {str(workdir)!r} holds a run with other settings ({', '.join(diff)}); "
-                             f"use a fresh --workdir or the same settings to resume")
-    else:
-        path.write_text(json.dumps(description, indent=2))
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _check_same_run(workdir: Path, saved: dict | None, description: dict, has_checkpoint: bool) -> None:
+    """A workdir holds one run: resuming with other settings would silently mix two experiments. Only ``steps``
+    may change, and only grow (extending the run)."""
+    if saved is None:
+        return
+    new = json.loads(json.dumps(description))
+    diff = sorted(k for k in _diff_keys({k: saved.get(k) for k in _COMPARED}, new) if k != "train.steps")
+    if diff:
+        raise ValueError(f"workdir {str(workdir)!r} holds a run with other settings ({', '.join(diff)}); use a "
+                         f"fresh --workdir or the same settings to resume (only --steps may grow, to extend it)")
+    if has_checkpoint and new["train"]["steps"] < saved["train"]["steps"]:
+        raise ValueError(f"workdir {str(workdir)!r} holds a run of {saved['train']['steps']} steps (train.steps) "
+                         f"and steps={new['train']['steps']} would shorten it; steps can only grow (to extend the "
+                         f"run) - use a fresh --workdir for a shorter run")
+
+
+def _resolve_run_record(saved: dict | None, description: dict, start: int) -> dict:
+    """config.json for this run: a fresh record when nothing was restored, else the saved one, extended when
+    ``steps`` grew (the schedule keeps the length it had: ``lr_schedule_steps``)."""
+    steps = description["train"]["steps"]
+    if saved is None or start == 0:
+        return {**description, "lr_schedule_steps": steps, "extended": []}
+    record = {**saved, **description, "lr_schedule_steps": saved.get("lr_schedule_steps", saved["train"]["steps"]),
+              "extended": list(saved.get("extended", []))}
+    if steps > saved["train"]["steps"]:
+        record["extended"].append({"from_steps": saved["train"]["steps"], "to_steps": steps, "at_step": start})
+    return record
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _on_every_process(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(jnp.asarray(ok, jnp.int32)).all())
+
+
+@contextlib.contextmanager
+def _muted_stderr(settle_s: float = 0.5, max_wait_s: float = 5.0):
+    """Mutes stderr, unraisable exceptions and asyncio's log. A failed orbax restore leaves TensorStore reads in
+    flight that report, one traceback each, into an event loop orbax has closed; on leaving, waits until none has
+    reported for ``settle_s`` (at most ``max_wait_s``) so that they land here, not on the user's terminal."""
+    last = [time.monotonic()]
+
+    class Sink(io.StringIO):
+        def write(self, text):
+            last[0] = time.monotonic()
+            return len(text)
+
+    def swallow(unraisable):
+        last[0] = time.monotonic()
+
+    stderr, hook, asyncio_level = sys.stderr, sys.unraisablehook, logging.getLogger("asyncio").level
+    sys.stderr, sys.unraisablehook = Sink(), swallow
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + max_wait_s
+        gc.collect()  # "Future exception was never retrieved" is logged when orbax's futures are collected
+        while time.monotonic() - last[0] < settle_s and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc.collect()
+        sys.stderr, sys.unraisablehook = stderr, hook
+        logging.getLogger("asyncio").setLevel(asyncio_level)
+
+
+class UnreadableCheckpoints(RuntimeError):
+    """No checkpoint of the workdir restores (each one's step and reason are in the message); none was moved."""
+
+
+def _root_cause(error: BaseException | None) -> str:
+    if error is None:
+        return "it failed to restore on another process"
+    while error.__cause__ is not None:  # explicit chaining only: the implicit context is often an internal detail
+        error = error.__cause__
+    text = f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _restore_newest_readable(open_manager, target, workdir: Path, say):
+    """(manager, state, step) with the newest checkpoint that restores, or (manager, None, 0) if there is none.
+
+    Each unreadable newer checkpoint gets one line naming its step and the reason and is moved to
+    ``workdir/damaged_checkpoints/`` (kept for inspection; left in place it would stop every later resume). If
+    checkpoints exist and none restores, nothing is moved and ``UnreadableCheckpoints`` is raised: that is more
+    likely a broken filesystem or install than damage to every checkpoint.
+    """
+    manager, failures = open_manager(), []
+    with contextlib.ExitStack() as quiet:
+        for step in sorted(manager.all_steps(), reverse=True):
+            state, error = None, None
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # orbax / TensorStore raise Exception, ValueError, OSError, ... by the damage
+                error = e
+            if _on_every_process(error is None):
+                break
+            if not failures:  # the failed restore's other reads still finish, each printing a traceback: mute them
+                quiet.enter_context(_muted_stderr())
+            failures.append((step, _root_cause(error)))
+            manager.close()  # a failed restore can leave the manager unable to restore the next one: start afresh
+            manager = open_manager()
+        else:
+            step = None
+    if step is None:
+        if failures:
+            manager.close()
+            raise UnreadableCheckpoints(f"no checkpoint in {workdir / 'checkpoints'} restores: " + "; ".join(
+                f"step {s}: {reason}" for s, reason in failures) + ". Repair them, or move checkpoints/ away to "
+                "train from step 0")
+        return manager, None, 0
+    if failures:
+        for bad, reason in failures:
+            if jax.process_index() == 0:
+                dest = workdir / "damaged_checkpoints" / str(bad)
+                for i in range(2, 1000):
+                    if not dest.exists():
+                        break
+                    dest = dest.with_name(f"{bad}.{i}")
+                dest.parent.mkdir(exist_ok=True)
+                shutil.move(str(workdir / "checkpoints" / str(bad)), str(dest))
+                say(f"checkpoint at step {bad} is unreadable ({reason}); moved it to {dest}; resuming from step "
+                    f"{step}")
+        _sync("sleepjax_moved_damaged_checkpoints")
+        manager.close()
+        manager = open_manager()
+    return manager, state, step
+
+
+class PreemptionNotice:
+    """Has a preemption notice (SIGTERM) come? One process: a signal handler sets a flag, read at step boundaries.
+    Several processes: JAX's preemption sync manager catches SIGTERM on any of them and names one step at which
+    ``reached`` is True on every process (``multihost_utils.reached_preemption_sync_point``); it must be asked at
+    every step by all of them."""
+
+    def __init__(self):
+        self.multi = jax.process_count() > 1
+        self.received = False
+        self._previous = None
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi is None:
+            return False
+        if not self.multi:
+            return self.received
+        try:
+            return multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError as e:  # jax_enable_preemption_service is off: SIGTERM keeps its default (exit)
+            print(f"warning: {e}; SIGTERM will stop the run without a checkpoint", flush=True)
+            self.multi = None
+            return False
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _diff_keys(a, b, prefix=""):
@@ -172,10 +401,12 @@ class Prefetcher:
 
 def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | os.PathLike, *,
           log_enabled: bool = True) -> dict:
-    """Trains ``model_cfg`` on ``task``; resumes from ``workdir``'s latest checkpoint if there is one.
+    """Trains ``model_cfg`` on ``task``; resumes from ``workdir``'s newest readable checkpoint if there is one
+    (extending the run if ``cfg.steps`` grew; see the module docstring).
 
     Writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``results.json`` in workdir and
-    returns the results dict. Raises FloatingPointError (naming the step) if the loss stops being finite.
+    returns the results dict. Raises FloatingPointError (naming the step) if the loss stops being finite, and
+    ``Preempted`` (exit code 75) after saving a checkpoint when SIGTERM arrives.
     """
     if model_cfg.vocab_size != task.vocab_size:
         raise ValueError(f"model vocab_size ({model_cfg.vocab_size}) must equal the task's ({task.vocab_size})")
@@ -186,33 +417,45 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         if getattr(cfg, name) % shards:
             raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the data x fsdp mesh size "
                              f"({shards})")
-    if jax.process_index() == 0:  # one writer; the other processes of a multi-host run trust it
-        _check_same_run(workdir, _run_description(task, model_cfg, cfg))
-
     sharding.check_heads(model_cfg, mesh)
-    tx = make_optimizer(cfg)
-    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
-    state_sharding = train_state_shardings(abstract, model_cfg, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-    rows = sharding.local_rows(batch_sharding, (cfg.batch_size,))
-    step_fn = jax.jit(functools.partial(train_step, tx=tx), in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
-
-    manager = ocp.CheckpointManager(
+    lead = jax.process_index() == 0  # the one writer of shared files; every process reads config.json first
+    say = (lambda text: print(text, flush=True)) if lead else (lambda text: None)
+    description = _run_description(task, model_cfg, cfg)
+    saved = _read_run_record(workdir)
+    open_manager = lambda: ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
-    start = manager.latest_step()
-    if start is None:
+    with open_manager() as probe:
+        _check_same_run(workdir, saved, description, has_checkpoint=probe.latest_step() is not None)
+    _sync("sleepjax_read_config")  # process 0 rewrites config.json below
+
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, make_optimizer(cfg)))  # any schedule: same tree
+    state_sharding = train_state_shardings(abstract, model_cfg, mesh)
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, state_sharding)
+    manager, state, start = _restore_newest_readable(open_manager, target, workdir, say)
+    record = _resolve_run_record(saved, description, start)
+    if lead and record != saved:
+        _write_json(workdir / "config.json", record)
+    schedule_steps = record["lr_schedule_steps"]
+    step_fn = _jitted_step(model_cfg, tuple((k, getattr(cfg, k)) for k in _OPTIMIZER_FIELDS), schedule_steps, mesh)
+    if state is None:
         # jit with out_shardings: every device initialises only its shard (same values on any mesh).
-        state = jax.jit(lambda: init_train_state(model_cfg, cfg, tx), out_shardings=state_sharding)()
-        start = 0
-    else:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract, state_sharding)
-        state = manager.restore(start, args=ocp.args.StandardRestore(target))
-    log = MetricsLog(workdir, resume_step=start, enabled=log_enabled and jax.process_index() == 0)
+        state = jax.jit(lambda: init_train_state(model_cfg, cfg, make_optimizer(cfg, schedule_steps)),
+                        out_shardings=state_sharding)()
+    batch_sharding = sharding.batch_sharding(mesh)
+    rows = sharding.local_rows(batch_sharding, (cfg.batch_size,))
+
+    # A resumed run scores its first step again when that is an evaluation step (a preempted run skips the
+    # evaluation it was due, so its grace period goes to the checkpoint); the log keeps one row per evaluation.
+    eval_at_start = start > 0 and (start % cfg.eval_every == 0 or start == cfg.steps)
+    log = MetricsLog(workdir, resume_step=start, enabled=log_enabled and lead, redo_eval=eval_at_start)
     if start:
-        log.line(f"resumed from the checkpoint at step {start} in {workdir}", final=True)
+        extending = saved is not None and cfg.steps > saved["train"]["steps"]
+        log.line(f"resumed from the checkpoint at step {start} in {workdir}" +
+                 (f"; extending the run from {saved['train']['steps']} to {cfg.steps} steps (learning rate: the "
+                  f"schedule of its first {schedule_steps} steps, then that schedule's final rate)"
+                  if extending else ""), final=True)
 
     eval_batches = task.eval_set(cfg.eval_seed, cfg.eval_size, cfg.eval_batch_size)
     replicated = sharding.replicated(mesh)
@@ -220,9 +463,12 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
                       lambda x: jax.make_array_from_process_local_data(replicated, x, x.shape))
     tokens_per_seq = task.seq_len
     prefetch = Prefetcher(lambda step: task.batch(cfg.seed, step, cfg.batch_size, rows=rows))
-    rate, t_run, t_train, train_steps_timed = Throughput(), time.perf_counter(), 0.0, 0
+    windows = WindowStore(workdir)
+    window = Window(windows.load(start) if start else None)
+    rate, t_run, steps_per_s = Throughput(), _now(), None
+    lr_at = learning_rates(cfg, schedule_steps)
+    notice = PreemptionNotice()
     last_eval: dict = {}
-    history_sum: dict[str, float] = {}
 
     def run_eval(step):
         nonlocal last_eval
@@ -234,45 +480,57 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
                  "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in last_eval.items() if k.startswith("exact/")),
                  final=True)
 
+    def save(step, force=False):
+        if log.enabled:  # the partial averaging window at this step, so a resume here logs the same rows
+            windows.save(step, window.state(), manager.all_steps())
+        manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
     try:
+        if eval_at_start:
+            run_eval(start)
         for step in range(start, cfg.steps):
+            t0 = _now()  # step time: the batch, the step and the loss sync; never evaluation or checkpoints
             batch = prefetch.get(step)
             batch = sharding.global_batch(batch_sharding, {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]},
                                           cfg.batch_size)
-            t0 = time.perf_counter()
             with jax.set_mesh(mesh):  # the model reads the mesh to run its kernels under shard_map
                 state, metrics = step_fn(state, batch)
             loss = float(metrics["loss"])  # one host sync per step: a non-finite loss stops the run right here
             if step > start:  # the first step of a process includes compilation
-                t_train += time.perf_counter() - t0
-                train_steps_timed += 1
+                rate.add(_now() - t0)
             if not math.isfinite(loss):
+                last = manager.latest_step()
                 raise FloatingPointError(
-                    f"loss is {loss} at step {step + 1}: stopping. The last good checkpoint "
-                    f"(step {manager.latest_step()}) is kept in {workdir / 'checkpoints'}")
+                    f"loss is {loss} at step {step + 1}: stopping. " +
+                    (f"The last good checkpoint (step {last}) is kept in {workdir / 'checkpoints'}" if last is not None
+                     else "No checkpoint was saved before it: a new launch starts from step 0"))
             done = step + 1
-            for key, value in metrics.items():
-                history_sum[key] = history_sum.get(key, 0.0) + float(value)
+            window.add(metrics)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                n = done - max(start, done - cfg.log_every) or 1
-                steps_per_s = rate.tick(n)
-                row = {k: v / n for k, v in history_sum.items()}
-                history_sum.clear()
-                row.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * cfg.batch_size * tokens_per_seq,
-                           sequences=done * cfg.batch_size, tokens=done * cfg.batch_size * tokens_per_seq,
-                           elapsed_s=time.perf_counter() - t_run)
+                steps_per_s = rate.take()  # None for a window of only a process's first (compiling) step
+                row = {**window.take(), **lr_at(done), "sequences": done * cfg.batch_size,
+                       "tokens": done * cfg.batch_size * tokens_per_seq, "elapsed_s": _now() - t_run}
+                if steps_per_s is not None:
+                    row.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * cfg.batch_size * tokens_per_seq)
                 log.write(done, "train", row)
-                eta = (cfg.steps - done) / max(steps_per_s, 1e-9)
+                eta = (cfg.steps - done) / steps_per_s if steps_per_s else float("nan")
+                speed = f"{row['tokens_per_s'] / 1e3:.1f}k tok/s" if steps_per_s else "compiling"
                 log.line(f"step {done}/{cfg.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
-                         f"{row['tokens_per_s'] / 1e3:.1f}k tok/s  ETA {format_duration(eta)}  "
-                         f"(eval exact {last_eval.get('exact', float('nan')):.3f})")
+                         f"{speed}  ETA {format_duration(eta)}  (eval exact {last_eval.get('exact', float('nan')):.3f})")
+            preempted = done < cfg.steps and notice.reached(done)  # asked at every step (the multi-process protocol)
+            if preempted:
+                save(done, force=True)
+                manager.wait_until_finished()
+                log.flush()
+                error = Preempted(done, workdir / "checkpoints")
+                log.line(error.message, final=True)
+                raise error
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 run_eval(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                manager.save(done, args=ocp.args.StandardSave(state))
-        if not last_eval:  # resumed a finished run: score it again for the results
-            run_eval(int(state.step))
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:  # the final step always
+                save(done)
     finally:
+        notice.close()
         prefetch.close()
         manager.wait_until_finished()
         manager.close()
@@ -282,12 +540,12 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         "task": task.name, "sleep_n": model_cfg.sleep_n, "seed": cfg.seed, "steps": int(state.step),
         "sequences": int(state.step) * cfg.batch_size, "tokens": int(state.step) * cfg.batch_size * tokens_per_seq,
         "num_params": model_lib.num_params(state.params), "difficulty_name": task.difficulty_name,
-        "seconds_per_step": t_train / train_steps_timed if train_steps_timed else None,
-        "wall_clock_s": time.perf_counter() - t_run, "final_eval": last_eval,
+        "seconds_per_step": rate.seconds_per_step(), "wall_clock_s": _now() - t_run, "final_eval": last_eval,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
+        "lr_schedule_steps": schedule_steps, "extended": record["extended"],
     }
-    if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    if lead:
+        _write_json(workdir / "results.json", results)
     return results
 
 

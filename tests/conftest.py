@@ -1,10 +1,12 @@
 """Shared test helpers: fresh random inputs per case and relative-error comparisons."""
 
+import os
 import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 
 def case_key(*parts):
@@ -33,3 +35,49 @@ def finished_checkpoints(workdir) -> list[int]:
     and renames it to the step number only once every process has written its part."""
     folder = Path(workdir) / "checkpoints"
     return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+
+
+TIMING_FIELDS = ("steps_per_s", "tokens_per_s", "elapsed_s")
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """metrics.jsonl rows without the wall-clock fields: what two runs of the same training must agree on, bitwise."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def checkpoint_params(workdir, step=None) -> list:
+    """The parameter leaves (NumPy) of a run's checkpoint (latest by default)."""
+    from sleepjax.train import load_run
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(load_run(workdir, step)[0])]
+
+
+def assert_bitwise_equal(a: list, b: list, what=""):
+    assert len(a) == len(b), what
+    for i, (x, y) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"{what} leaf {i}")
+
+
+def damage_checkpoint(workdir, step: int, how: str = "data") -> None:
+    """Damages checkpoint ``step`` as storage does: ``data`` overwrites every data file with garbage of the same
+    size; ``metadata`` deletes the tree metadata orbax reads first."""
+    folder = Path(workdir) / "checkpoints" / str(step)
+    assert folder.is_dir(), f"no checkpoint {step} in {workdir}"
+    if how == "data":
+        files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+        assert files, f"no data files under {folder}"
+        rng = np.random.default_rng(step)
+        for p in files:
+            p.write_bytes(rng.integers(0, 256, p.stat().st_size, dtype=np.uint8).tobytes())
+    elif how == "metadata":
+        (folder / "default" / "_METADATA").unlink()
+    else:
+        raise ValueError(f"how must be 'data' or 'metadata', got {how!r}")
+
+
+@pytest.fixture(scope="session")
+def launcher_env(tmp_path_factory):
+    """Environment for launcher subprocesses: one XLA thread each, and a compilation cache shared by the tests'
+    launcher runs (the same model compiled once instead of once per process)."""
+    return {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}

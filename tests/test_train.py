@@ -3,6 +3,8 @@ reports are right, bad settings fail early."""
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import finished_checkpoints
+from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, without_timing
 import sleepjax
 from sleepjax import optim, tasks
 from sleepjax.evaluate import evaluate
@@ -51,15 +53,6 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
     assert sleepjax.num_params(params) == results["num_params"]
 
 
-def test_restart_of_finished_run_resumes_instead_of_retraining(tmp_path):
-    task, model_cfg, train_cfg = micro_setup(steps=20)
-    train(task, model_cfg, train_cfg, tmp_path, log_enabled=True)
-    with pytest.raises(ValueError, match="holds a run with other settings .*train.steps"):
-        train(task, model_cfg, TrainConfig(**{**train_cfg.__dict__, "steps": 30, "eval_size": 31}), tmp_path)
-    results = train(task, model_cfg, train_cfg, tmp_path)
-    assert results["steps"] == 20
-
-
 def _launcher(workdir, steps):
     return [sys.executable, "-m", "experiments.rule110", "--width=6", "--strings=2", "--t=1", f"--steps={steps}",
             "--batch_size=16", "--eval_size=16", "--eval_every=100000", "--checkpoint_every=10", "--log_every=1",
@@ -67,46 +60,87 @@ def _launcher(workdir, steps):
         f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
 
 
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
-    steps = 150
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_launcher(killed, steps), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill it mid-run, once a checkpoint has finished and training moved past it
-        rows = read_metrics(killed / "metrics.jsonl") if (killed / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] > max(finished_checkpoints(killed), default=rows[-1]["step"]):
-            break
-        assert proc.poll() is None, "the run ended before it could be killed"
+LAUNCH_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def clean_launch(tmp_path_factory, launcher_env):
+    """The launcher's run, never interrupted: the reference of the kill and preemption tests."""
+    clean = tmp_path_factory.mktemp("clean")
+    done = subprocess.run(_launcher(clean, LAUNCH_STEPS), cwd=REPO, env=launcher_env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(params=checkpoint_params(clean), rows=read_metrics(clean / "metrics.jsonl"))
+
+
+def _wait_for_step(proc, workdir, step, past_a_checkpoint=False, timeout=240):
+    """Until the child's log reaches ``step`` (read defensively: the child may be mid-append), and with
+    ``past_a_checkpoint`` until training has moved past a finished checkpoint; fails if the child ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = read_metrics(workdir / "metrics.jsonl")
+        last = rows[-1]["step"] if rows else 0
+        if last >= step and (not past_a_checkpoint or last > max(finished_checkpoints(workdir), default=1e9)):
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} in {timeout} s")
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path, launcher_env, clean_launch):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_launcher(killed, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for_step(proc, killed, 1, past_a_checkpoint=True)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert finished_checkpoints(killed), "no checkpoint had finished before the kill"
-    assert read_metrics(killed / "metrics.jsonl")[-1]["step"] < steps
-    resumed = subprocess.run(_launcher(killed, steps), cwd=REPO, env=env, capture_output=True, text=True)
+    assert read_metrics(killed / "metrics.jsonl")[-1]["step"] < LAUNCH_STEPS
+    resumed = subprocess.run(_launcher(killed, LAUNCH_STEPS), cwd=REPO, env=launcher_env, capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from the checkpoint at step" in resumed.stdout
-    clean = tmp_path / "clean"
-    done = subprocess.run(_launcher(clean, steps), cwd=REPO, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    a, b = load_run(killed)[0], load_run(clean)[0]
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    rows = [r["step"] for r in read_metrics(killed / "metrics.jsonl") if r["kind"] == "train"]
-    assert rows == list(range(1, steps + 1)), "the resumed log must read like one uninterrupted run"
+    assert_bitwise_equal(checkpoint_params(killed), clean_launch["params"])
+    assert without_timing(read_metrics(killed / "metrics.jsonl")) == without_timing(clean_launch["rows"]), \
+        "the resumed log must read like one uninterrupted run"
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    task, model_cfg, train_cfg = micro_setup(optimizer="adamw", adam_lr=1e30, grad_clip=0.0, checkpoint_every=1,
-                                             warmup_steps=0, lr_schedule="constant")
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step (\d+): stopping. The last good "
-                                                 r"checkpoint \(step \d+\)"):
+def test_sigterm_exits_75_after_a_checkpoint_and_resumes_bitwise(tmp_path, launcher_env, clean_launch):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(_launcher(workdir, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    signalled = random.randrange(2, LAUNCH_STEPS // 2)
+    _wait_for_step(proc, workdir, signalled)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, f"SIGTERM near step {signalled}: exit {proc.returncode}\n{err[-2000:]}"
+    saved = int(re.search(r"preempted: saved the checkpoint at step (\d+) in \S+; exit code 75", out).group(1))
+    assert saved >= signalled and saved in finished_checkpoints(workdir), (signalled, saved)
+    assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] == saved
+    assert "Traceback" not in err, err[-2000:]
+    resumed = subprocess.run(_launcher(workdir, LAUNCH_STEPS), cwd=REPO, env=launcher_env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from the checkpoint at step {saved}" in resumed.stdout
+    assert_bitwise_equal(checkpoint_params(workdir), clean_launch["params"], f"SIGTERM at step {signalled}")
+    assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(clean_launch["rows"])
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 100])
+def test_nan_loss_stops_with_the_step_and_names_the_last_checkpoint_or_none(tmp_path, checkpoint_every):
+    task, model_cfg, train_cfg = micro_setup(optimizer="adamw", adam_lr=1e30, grad_clip=0.0,
+                                             checkpoint_every=checkpoint_every, warmup_steps=0, lr_schedule="constant")
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step (\d+): stopping. ") as stop:
         train(task, model_cfg, train_cfg, tmp_path)
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    params = load_run(tmp_path)[0]
-    assert saved and saved[-1] < train_cfg.steps
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+    saved = finished_checkpoints(tmp_path)
+    if checkpoint_every == 1:  # a checkpoint every step: the one before the NaN, named, finite
+        assert saved and max(saved) < train_cfg.steps
+        assert f"The last good checkpoint (step {max(saved)}) is kept" in str(stop.value)
+        params = load_run(tmp_path)[0]
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(params))
+    else:  # none yet: say so (not "step None")
+        assert not saved and "No checkpoint was saved before it" in str(stop.value)
+        assert "None" not in str(stop.value)
 
 
 def test_evaluate_counts_items_by_hand():
