@@ -43,7 +43,10 @@ flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics.jso
                     "again with the same workdir resumes. Default: runs/<task>/<config>[_N<n>].")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:8 or data:2,fsdp:2,tensor:2 (default: all devices on data).")
 flags.DEFINE_integer("seed", 0, "Seed of the parameters and of the training data.")
-flags.DEFINE_integer("steps", None, "Optimizer steps.", lower_bound=1)
+flags.DEFINE_integer("steps", None, "Optimizer steps. A larger value with the workdir of a finished or "
+                     "interrupted run extends it from its last checkpoint: the learning-rate schedule stays the one "
+                     "of the run's first --steps and the added steps train at its final rate (recorded in "
+                     "config.json and results.json).", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Global batch size (sequences per step).", lower_bound=1)
 flags.DEFINE_integer("eval_every", None, "Evaluate on the held-out set every this many steps.", lower_bound=1)
 flags.DEFINE_integer("eval_size", None, "Held-out examples.", lower_bound=1)
@@ -212,11 +215,18 @@ def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...]
         task, model_cfg, train_cfg = built[runs[0]]
         print(f"{task_name}: {presets[FLAGS.config].description or FLAGS.config}; N = {model_cfg.sleep_n}; "
               f"workdir {workdir}", flush=True)
+        from sleepjax.train import Preempted, UnreadableCheckpoints
+
         try:
             train(task, model_cfg, train_cfg, workdir)
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
+        except UnreadableCheckpoints as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except Preempted as e:  # checkpoint saved and said so; exit 75 (EX_TEMPFAIL): run the same command again
+            sys.exit(e.code)
         return
 
     run_dirs = {(n, s): workdir / f"N{n}_seed{s}" for n, s in runs}
