@@ -1,13 +1,36 @@
-"""Helpers shared by the Pallas wrappers: platform and interpret-mode resolution, power-of-two padding."""
+"""Helpers shared by the Pallas wrappers: platform and interpret-mode resolution, the Triton lowering's
+availability, power-of-two padding."""
 
 from __future__ import annotations
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
+try:  # The Pallas Triton lowering is deprecated from JAX 0.11 and will be removed; keep working without it.
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    pltriton = None
+
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+def pad_dim(d: int) -> int:
+    """Head dims are padded with zeros to a power of two >= 16 (Triton: power-of-two tiles, dot dims >= 16)."""
+    return max(16, next_pow2(d))
+
+
+def triton_available() -> bool:
+    """Whether this JAX still has the Pallas Triton lowering (``pltriton.CompilerParams``)."""
+    return pltriton is not None and hasattr(pltriton, "CompilerParams")
+
+
+def triton_params(num_warps: int, num_stages: int):
+    if not triton_available():
+        raise RuntimeError("this JAX has no Pallas Triton lowering (jax.experimental.pallas.triton); the GPU Pallas "
+                           "kernels need it: use backend='chunked'/'xla' (GDN) or 'cudnn'/'xla' (attention)")
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def resolve_platform(platform: str | None) -> str:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from . import attention, gdn
+from . import attention, attention_pallas, gdn, gdn_pallas
 
 AxisName = str | tuple[str, ...] | None
 
@@ -96,12 +96,10 @@ def sharded_gated_delta_rule(mesh: Mesh, *, batch_axis: AxisName = "data", head_
                              backend: str = "auto", **kwargs) -> Callable:
     """``f(q, k, v, g, beta, initial_state=None) -> (o, final_state)`` running under ``mesh``.
 
-    backend: as for ``gdn.gated_delta_rule`` ("auto", "recurrent", "chunked", "pallas"); kwargs go to the
+    backend: one of ``gdn.BACKENDS`` (resolved per device by ``gdn.gated_delta_rule``); kwargs go to the
     backend (scale, use_delta, chunk_size; with backend="pallas" also block_sizes, interpret, platform, backward).
     """
     if backend == "pallas":
-        from . import gdn_pallas
-
         def call(q, k, v, g, beta, s0):
             return gdn_pallas.gated_delta_rule_pallas(q, k, v, g, beta, s0, **kwargs)
     else:
@@ -122,8 +120,6 @@ def sharded_window_attention(mesh: Mesh, *, batch_axis: AxisName = "data", head_
     """``f(q, k, v) -> o`` running under ``mesh``; backend and kwargs as for ``attention.window_attention``
     (with backend="pallas" also block_sizes, interpret, platform)."""
     if backend == "pallas":
-        from . import attention_pallas
-
         def call(q, k, v):
             return attention_pallas.window_attention_pallas(q, k, v, **kwargs)
     else:

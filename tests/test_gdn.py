@@ -100,11 +100,42 @@ def test_chunked_matches_recurrent(use_delta, case):
 
 
 def test_bfloat16_inputs_keep_float32_state():
+    """bf16 inputs: bf16 matmul operands with float32 accumulation (the stated precision: ~0.5% of the largest
+    entry, measured 3e-3 here), float32 state."""
     args = make_inputs(case_key("bf16"), T=70, dtype=jnp.bfloat16)
     o, s = gated_delta_rule(*args, backend="chunked")
-    o_ref, s_ref = gated_delta_rule(*args, backend="recurrent")
+    o_ref, s_ref = numpy_reference(*args)
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
-    assert rel_err(o, o_ref) < 2e-2 and rel_err(s, s_ref) < 1e-3
+    assert rel_err(o, o_ref) < 2e-2 and rel_err(s, s_ref) < 2e-2
+
+
+def _dot_operand_dtypes(jaxpr, found):
+    """Operand dtype pairs and shapes of every dot_general in a jaxpr, sub-jaxprs (scan, custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple((str(v.aval.dtype), tuple(v.aval.shape)) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dot_operand_dtypes(inner, found)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["chunked", "pallas"])
+def test_bfloat16_matmuls_take_bfloat16_operands(backend):
+    """Forward and backward: every matmul outside the chunk inverse ((I + A)^-1, float32 C x C) and the Pallas
+    kernels' own dots takes bf16 operands (tensor cores), none takes a mix."""
+    args = make_inputs(case_key("bf16-ops"), B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=32, dtype=jnp.bfloat16)
+    loss = lambda *a: sum(jnp.sum(x.astype(jnp.float32)) for x in gated_delta_rule(*a, backend=backend,
+                                                                                        chunk_size=16))
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss, range(6)))(*args).jaxpr, [])
+    pairs = {tuple(d for d, _ in ops) for ops in dots}
+    assert pairs <= {("bfloat16", "bfloat16"), ("float32", "float32")}, pairs
+    f32 = [ops for ops in dots if ops[0][0] == "float32"]
+    # float32 dots: only the inverse's [.., s, s] blocks (s <= 16 = C here)
+    assert all(shape[-1] <= 16 and shape[-2] <= 16 for ops in f32 for _, shape in ops), f32
+    assert sum(ops[0][0] == "bfloat16" for ops in dots) >= 10
 
 
 def test_decode_step_matches_sequence():
@@ -148,6 +179,19 @@ def test_unit_lower_inverse(C):
     t = unit_lower_inverse(a)
     eye = np.eye(C)
     assert np.max(np.abs(np.asarray(t) @ (eye + np.asarray(a)) - eye)) < 1e-4
+
+
+def test_unit_lower_inverse_correlated_keys():
+    """Correlated keys with beta = 1 (where Neumann-style doubling loses everything): block substitution stays
+    at float32 accuracy against float64 NumPy."""
+    C = 64
+    rng = np.random.default_rng(7)
+    k = rng.normal(size=(C, 32)) + 3.0 * rng.normal(size=(1, 32))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    a = np.tril(k @ k.T, -1)
+    t = jax.jit(unit_lower_inverse)(jnp.asarray(a, jnp.float32))
+    ref = np.linalg.inv(np.eye(C) + a)
+    assert np.linalg.norm(np.asarray(t) - ref) / np.linalg.norm(ref) < 1e-5
 
 
 @pytest.mark.parametrize("mutate,match", [

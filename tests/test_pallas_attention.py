@@ -1,4 +1,5 @@
-"""Pallas flash attention (kernels/attention_pallas.py) in interpret mode against independent references.
+"""Pallas flash attention (kernels/attention_pallas.py, attention_gpu.py, attention_tpu.py) in interpret mode
+against independent references.
 
 Forward: a float64 NumPy softmax. Gradients (q, k, v): float64 autodiff of a plain jnp softmax attention.
 Also: the masked-block skipping ranges cover exactly what the mask needs, and the kernel runs under shard_map.
@@ -16,7 +17,7 @@ from jax import enable_x64
 from jax.experimental.pallas import tpu as pltpu
 
 from conftest import case_key, rel_err
-from sleepjax.kernels import attention, attention_pallas
+from sleepjax.kernels import attention, attention_blocks, attention_pallas
 from sleepjax.kernels.attention_pallas import AttentionBlockSizes
 
 
@@ -133,22 +134,22 @@ def test_matches_xla_path_and_dot_product_attention():
 def test_block_skipping_ranges(T, window, bq, bk):
     """The key band of every query block (forward/dQ) and the query band of every key block (dK/dV) contain every
     unmasked pair, and a sliding window keeps the bands narrow (cost ~ T * w, not T^2)."""
-    cfg = attention_pallas._Config(platform="gpu", interpret=True, scale=1.0, window=window, T=T, bq=bq, bk=bk,
+    cfg = attention_blocks.Config(platform="gpu", interpret=True, scale=1.0, window=window, T=T, bq=bq, bk=bk,
                                    bq_dkv=bq, bk_dkv=bk, bq_dq=bq, bk_dq=bk, num_warps=4, num_stages=2,
                                    vmem_limit_bytes=None, precision="highest")
     Tp = -(-T // max(bq, bk)) * max(bq, bk)
     m = allowed(T, window)
     visited_fwd = np.zeros((T, T), bool)
     for qb in range(Tp // bq):
-        lo, hi = attention_pallas._key_range(qb * bq, bq, bk, cfg)
+        lo, hi = attention_blocks.key_range(qb * bq, bq, bk, cfg)
         visited_fwd[qb * bq:(qb + 1) * bq, lo * bk:hi * bk] = True
     visited_bwd = np.zeros((T, T), bool)
     for kb in range(Tp // bk):
-        lo, hi = attention_pallas._query_range(kb * bk, bq, bk, cfg)
+        lo, hi = attention_blocks.query_range(kb * bk, bq, bk, cfg)
         visited_bwd[lo * bq:hi * bq, kb * bk:(kb + 1) * bk] = True
     assert np.all(visited_fwd[m]) and np.all(visited_bwd[m])
-    nk = attention_pallas._max_band(Tp // bq, bq, lambda s: attention_pallas._key_range(s, bq, bk, cfg))
-    nq = attention_pallas._max_band(Tp // bk, bk, lambda s: attention_pallas._query_range(s, bq, bk, cfg))
+    nk = attention_blocks.max_band(Tp // bq, bq, lambda s: attention_blocks.key_range(s, bq, bk, cfg))
+    nq = attention_blocks.max_band(Tp // bk, bk, lambda s: attention_blocks.query_range(s, bq, bk, cfg))
     if window is not None and window < T:
         assert nk <= (bq + window - 2) // bk + 2 and nq <= (bk + window - 2) // bq + 2
     if (T, window, bq, bk) == (1024, 64, 64, 64):

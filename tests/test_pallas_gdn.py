@@ -1,8 +1,10 @@
-"""Pallas GDN kernels (kernels/gdn_pallas.py) in interpret mode against independent references.
+"""The GDN Pallas path (chunk-parallel XLA stages + Pallas state-scan kernels, kernels/gdn_pallas.py) in interpret
+mode against independent references.
 
 Forward: a float64 NumPy token loop. Gradients (q, k, v, g, beta, initial_state): autodiff of the recurrent
-backend in float64. Both wrappers (the GPU chunk-loop wrapper and the TPU grid wrapper) run interpreted on CPU.
-Shapes stay tiny so the module runs in well under a minute on two cores.
+backend in float64. Both kernel sets (GPU: one program per (batch, head, value tile) walking the chunks; TPU: the
+chunk axis as an "arbitrary" grid axis, run by the TPU-faithful interpreter with NaN-poisoned buffers) run
+interpreted on CPU. Shapes stay tiny so the module runs in about a minute on two cores.
 """
 
 import subprocess
@@ -90,18 +92,17 @@ GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 # (platform, T, chunk_size, Hk, Hv, Dk, Dv, decay, beta_range, with_state, dtype, use_delta, block_v)
 CASES = [
-    ("gpu", 40, 64, 1, 2, 32, 16, "normal", "normal", True, "float32", True, None),     # T < chunk, groups
+    ("gpu", 40, 64, 1, 2, 32, 16, "normal", "normal", True, "float32", True, None),     # T < chunk, groups, Dk != Dv
     ("gpu", 100, 32, 2, 2, 16, 32, "normal", "normal", True, "float32", False, 16),    # 4 chunks, 2 value tiles
     ("gpu", 37, 16, 1, 1, 16, 16, "strong", "high", True, "float32", True, None),      # g ~ -10, beta ~ 1
     ("gpu", 50, 16, 1, 2, 16, 16, "normal", "low", False, "float32", True, None),      # beta ~ 0, no state
-    ("gpu", 45, 16, 1, 2, 16, 16, "normal", "normal", True, "bfloat16", True, None),   # bf16
+    ("gpu", 45, 16, 1, 2, 16, 32, "normal", "normal", True, "bfloat16", True, 16),     # bf16, value tiles
     ("gpu", 33, 16, 1, 1, 16, 16, "strong", "normal", True, "bfloat16", False, None),  # bf16, Hebbian rule
     ("gpu", 21, 16, 1, 1, 20, 24, "normal", "high", True, "float32", True, None),      # head dims padded
     ("gpu", 1, 64, 1, 2, 16, 16, "normal", "normal", True, "float32", True, None),     # one token
-    ("tpu", 70, 32, 1, 2, 16, 32, "normal", "high", True, "float32", True, None),      # TPU grid wrapper
-    ("tpu", 30, 16, 2, 2, 16, 16, "strong", "normal", True, "bfloat16", False, None),
+    ("tpu", 70, 32, 1, 2, 16, 32, "normal", "high", True, "float32", True, None),      # TPU grid kernels
+    ("tpu", 30, 16, 2, 2, 16, 16, "strong", "low", True, "bfloat16", False, None),
 ]
-
 
 def _case_id(c):
     return "{}-T{}-C{}-Hk{}Hv{}-Dk{}Dv{}-{}-{}-{}-{}-{}".format(
@@ -125,18 +126,18 @@ def test_kernel_matches_references(case):
     assert o.shape == (1, T, Hv, Dv) and o.dtype == dtype
     assert s.shape == (1, Hv, Dk, Dv) and s.dtype == jnp.float32
     o_ref, s_ref = numpy_gdn(*args, use_delta=use_delta)
-    low = dtype == jnp.bfloat16
-    assert rel_err(o, o_ref) < (1e-2 if low else 1e-5), rel_err(o, o_ref)
-    assert rel_err(s, s_ref) < 1e-5, rel_err(s, s_ref)
+    # float32: true float32 matmuls (measured ~1e-7, 1e-6 for dg under strong decay). bf16: bf16 operands with
+    # float32 accumulation, as on tensor cores (measured ~5e-3 of the largest entry, values and gradients).
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    assert rel_err(o, o_ref) < tol, rel_err(o, o_ref)
+    assert rel_err(s, s_ref) < tol, rel_err(s, s_ref)
 
     g_ref = float64_grads(args, use_delta, o_cot, s_cot, argnums)
     for i, a, e in zip(argnums, grads, g_ref):
         assert a.dtype == (args[i].dtype), (GRAD_NAMES[i], a.dtype)
         assert np.all(np.isfinite(np.asarray(a, np.float32))), GRAD_NAMES[i]
-        # bf16 gradients of bf16 inputs are rounded to bf16 (2^-8); float32 ones are float32 rounding.
-        tol = 1e-2 if (low and i < 3) else 2e-5
         err = rel_err(a, e)
-        assert err < tol, f"grad {GRAD_NAMES[i]}: relative error {err:.3g} > {tol}"
+        assert err < 2 * tol, f"grad {GRAD_NAMES[i]}: relative error {err:.3g} > {2 * tol}"
 
 
 def test_xla_backward_fallback():
@@ -158,21 +159,29 @@ def test_public_dispatch_reaches_pallas_on_cpu():
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
-def test_chunk_math_inverse_is_substitution_accurate():
-    """(I + A)^-1 by the masked substitution + block Neumann product, for correlated keys with beta = 1 (where
-    matmul doubling loses everything), against float64 NumPy."""
-    from sleepjax.kernels import gdn_chunk_math as cm
+def test_scan_kernels_have_two_dots_each():
+    """The Pallas part is the state scan only: each kernel (forward, reverse) has exactly two matmuls (the old
+    design put ~25 dependent dots per chunk on the sequential path and compiled for ~45 s per case on a GPU)."""
+    args = make_inputs(case_key("pallas-gdn-dots"), B=1, T=40, Hk=1, Hv=1, Dk=16, Dv=16)
 
-    C = 64
-    rng = np.random.default_rng(7)
-    k = rng.normal(size=(C, 32)) + 3.0 * rng.normal(size=(1, 32))
-    k /= np.linalg.norm(k, axis=1, keepdims=True)
-    a = np.tril(k @ k.T, -1)
-    rows, cols = np.indices((C, C))
-    t = jax.jit(cm.unit_lower_inverse)(jnp.asarray(a, jnp.float32), jnp.asarray(rows, jnp.int32),
-                                       jnp.asarray(cols, jnp.int32))
-    ref = np.linalg.inv(np.eye(C) + a)
-    assert np.linalg.norm(np.asarray(t) - ref) / np.linalg.norm(ref) < 1e-5
+    def loss(*a):
+        o, s = gdn_pallas.gated_delta_rule_pallas(*a, chunk_size=16, interpret=True)
+        return jnp.sum(o) + jnp.sum(s)
+
+    kernels = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                body = eqn.params["jaxpr"]
+                kernels[eqn.params["name"]] = str(body).count("dot_general")
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(jax.make_jaxpr(jax.grad(loss, range(6)))(*args).jaxpr)
+    assert kernels == {"gdn_state_scan": 2, "gdn_state_scan_reverse": 2}, kernels
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -180,7 +189,6 @@ def test_chunk_math_inverse_is_substitution_accurate():
     (dict(block_sizes=GDNBlockSizes(block_v=24)), "block_sizes.block_v must be a power of two"),
     (dict(block_sizes=GDNBlockSizes(block_v=64)), "block_sizes.block_v must be a power of two"),  # Dv = 32
     (dict(block_sizes=GDNBlockSizes(block_v=16), platform="tpu"), "block_v on TPU"),
-    (dict(block_sizes=GDNBlockSizes(precision="fast")), "block_sizes.precision"),
     (dict(block_sizes=(64,)), "block_sizes must be a GDNBlockSizes"),
     (dict(platform="metal"), "platform must be one of"),
     (dict(platform="cpu", interpret=False), "interpret must be True"),

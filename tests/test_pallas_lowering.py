@@ -1,7 +1,8 @@
 """The Pallas kernels lower for real GPUs (Triton) and TPUs (Mosaic) from this CPU-only machine.
 
 ``jax.export`` with platforms=["cuda"] / ["tpu"] runs the actual Pallas -> Triton / Pallas -> Mosaic lowering of
-every kernel, forward and backward (the VJP), with the default block sizes: unsupported primitives (cumsum,
+every kernel (the GDN state scan and its reverse; flash attention forward, dK/dV, dQ), forward and backward (the
+VJP), with the default block sizes: unsupported primitives (cumsum,
 triangular_solve), captured array constants, non-power-of-two Triton shapes and illegal TPU block shapes all fail
 here. Necessary, not sufficient: the Triton/Mosaic compilers themselves only run on the device.
 """
@@ -22,15 +23,15 @@ TARGETS = {"cuda": TRITON_TARGET, "tpu": "tpu_custom_call"}
 S = jax.ShapeDtypeStruct
 
 
-def gdn_case(Dk, Dv, dtype, use_delta):
-    B, T, Hk, Hv = 1, 200, 2, 4
+def gdn_case(Dk, Dv, dtype, use_delta, T=300):
+    B, Hk, Hv = 1, 2, 4
     args = (S((B, T, Hk, Dk), dtype), S((B, T, Hk, Dk), dtype), S((B, T, Hv, Dv), dtype), S((B, T, Hv), jnp.float32),
             S((B, T, Hv), jnp.float32), S((B, Hv, Dk, Dv), jnp.float32))
 
     def make(platform):
         return lambda *a: gdn_pallas.gated_delta_rule_pallas(*a, use_delta=use_delta, interpret=False,
                                                              platform=platform)
-    return make, args, (1, 3)  # kernels in forward, in forward + backward
+    return make, args, (1, 2)  # kernels in forward (state scan), in forward + backward (+ reverse scan)
 
 
 def attention_case(T, D, dtype, window):
@@ -44,9 +45,9 @@ def attention_case(T, D, dtype, window):
 
 
 CASES = {
-    "gdn-delta-d128-bf16": lambda: gdn_case(128, 128, jnp.bfloat16, True),
+    "gdn-delta-d128-bf16": lambda: gdn_case(128, 128, jnp.bfloat16, True),  # T = 300: 5 chunks, Tp not 2^k
     "gdn-hebb-d128-bf16": lambda: gdn_case(128, 128, jnp.bfloat16, False),
-    "gdn-delta-d32-f32": lambda: gdn_case(32, 32, jnp.float32, True),       # the tiny model's head dim
+    "gdn-delta-d32-f32": lambda: gdn_case(32, 32, jnp.float32, True, T=200),  # the tiny model's head dim
     "gdn-delta-dk64-dv48-bf16": lambda: gdn_case(64, 48, jnp.bfloat16, True),  # Dv padded to 64
     "attn-w128-d128-bf16": lambda: attention_case(512, 128, jnp.bfloat16, 128),
     "attn-causal-d64-f32": lambda: attention_case(200, 64, jnp.float32, None),
@@ -91,9 +92,10 @@ def test_bench_script_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    rows = bench.main(["--batch", "1", "--seq", "16", "--heads", "1", "--head-dim", "16", "--window", "8",
-                       "--iters", "1", "--warmup", "0", "--skip", "chunked,xla", "--json", str(out)])
+    rows = bench.main(["--seq", "16", "--heads", "1", "--head-dim", "16", "--window", "8", "--iters", "1",
+                       "--warmup", "0", "--impls", "pallas", "--json", str(out)])
     assert {(r["kernel"], r["impl"], r["mode"]) for r in rows} == {
-        (k, "pallas", m) for k in ("gdn", "attention") for m in ("fwd", "fwd+bwd")}
-    assert all(r["ms"] > 0 and r["roofline"] > 0 for r in rows)
+        (k, "pallas", m) for k in ("gdn", "gdn_scan", "attention") for m in ("fwd", "fwd+bwd")}
+    assert all(r["compile_s"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["roofline"] > 0 for r in rows if r["kernel"] != "gdn_scan")
     assert json.loads(out.read_text())["results"] == rows

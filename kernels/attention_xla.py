@@ -1,0 +1,66 @@
+"""Window-local causal softmax attention in XLA: the reference path, the cached one-query step, and the cuDNN
+call through ``jax.nn.dot_product_attention``.
+
+The caller passes exactly one window; every query attends causally to the keys of that window only
+(optionally only the last ``sliding_window`` of them). Softmax statistics are float32 whatever the input dtype.
+Grouped heads: query head h reads key/value head h // (H / Hkv).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+
+
+def attention_mask(num_queries: int, num_keys: int, sliding_window: int | None, query_offset=0):
+    """bool [Tq, Tk]: query i (at position query_offset + i) sees key j iff j <= pos and pos - j < window."""
+    pos = query_offset + jnp.arange(num_queries)[:, None]
+    key = jnp.arange(num_keys)[None, :]
+    mask = key <= pos
+    if sliding_window is not None:
+        mask &= pos - key < sliding_window
+    return mask
+
+
+def softmax_attention(q, k, v, mask, scale):
+    """q [B,Tq,H,D], k/v [B,Tk,Hkv,D], mask broadcastable to [B,1,1,Tq,Tk] -> [B,Tq,H,D] in q's dtype."""
+    B, Tq, H, D = q.shape
+    Hkv = k.shape[2]
+    qg = q.reshape(B, Tq, Hkv, H // Hkv, D)
+    s = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bgrqk,bkgd->bqgrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(B, Tq, H, D).astype(q.dtype)
+
+
+def xla_window_attention(q, k, v, *, scale=None, sliding_window=None):
+    _checks.check_attention_inputs(q, k, v, sliding_window)
+    T, D = q.shape[1], q.shape[3]
+    scale = D**-0.5 if scale is None else scale
+    return softmax_attention(q, k, v, attention_mask(T, T, sliding_window), scale)
+
+
+def cudnn_window_attention(q, k, v, *, scale=None, sliding_window=None):
+    """cuDNN flash attention (CUDA GPUs; bf16/fp16, head dim a multiple of 8). Raises NotImplementedError /
+    RuntimeError at trace time where cuDNN cannot take the call."""
+    _checks.check_attention_inputs(q, k, v, sliding_window)
+    T = q.shape[1]
+    window = None if sliding_window is None or sliding_window >= T else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, is_causal=True,
+                                        local_window_size=window, implementation="cudnn")
+
+
+def cached_attention_step(q, k_cache, v_cache, position, *, scale=None, sliding_window=None):
+    """One query per sequence against a window-local KV cache (streaming wake).
+
+    q [B, H, D]; k_cache, v_cache [B, L, Hkv, D] whose slots 0..position are filled (slot ``position`` holds
+    the current token); position: int32 scalar. Returns [B, H, D]. The cost is that of the fixed cache size L,
+    whatever the stream position: that is what keeps wake latency flat.
+    """
+    L, D = k_cache.shape[1], q.shape[-1]
+    scale = D**-0.5 if scale is None else scale
+    mask = attention_mask(1, L, sliding_window, query_offset=position)
+    return softmax_attention(q[:, None], k_cache, v_cache, mask, scale)[:, 0]
