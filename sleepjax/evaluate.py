@@ -68,3 +68,9 @@ def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficu
         metrics[f"exact/{difficulty_name}={d}"] = float(np.mean(exact[d]))
         metrics[f"loss/{difficulty_name}={d}"] = float(np.mean(ce[d]))
     return metrics
+
+
+def evaluate_at_sleep_n(params, batches, ns, **kwargs) -> dict[int, dict[str, float]]:
+    """``evaluate`` with the model's N replaced by each n in ``ns`` (test-time N; the weights are unchanged)."""
+    return {int(n): evaluate(params.replace(config=params.config.replace(sleep_n=int(n))), batches, **kwargs)
+            for n in ns}

@@ -436,6 +436,20 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     return (logits, state) if return_state else logits
 
 
+def layer_passes(cfg: ModelConfig, loss_mask) -> int:
+    """Layer-window passes Algorithm 1 runs over a batch with this loss_mask [B, T] (host array): a wake window
+    costs one pass of every layer, a sleep window the layers before ``sleep_layers`` once, the sleep layers N
+    times and the rest once. The ratio of two configs' counts is their ratio of training FLOPs, up to attention's
+    window-size term (matmuls of the projections and MLPs dominate at the sizes used here)."""
+    mask = np.asarray(loss_mask, bool)
+    num_windows = -(-mask.shape[1] // cfg.window)
+    mask = np.pad(mask, ((0, 0), (0, num_windows * cfg.window - mask.shape[1])))
+    wakes = int(mask.reshape(mask.shape[0], num_windows, cfg.window).any(axis=(0, 2)).sum())
+    lo, hi = cfg.sleep_layer_range
+    depth = len(cfg.layers)
+    return wakes * depth + (num_windows - wakes) * (depth - (hi - lo) + cfg.sleep_n * (hi - lo))
+
+
 def token_losses(logits, tokens, loss_mask):
     """Per-position cross-entropy and correctness of next-token predictions. Shapes [B, T-1]."""
     targets = tokens[:, 1:]

@@ -20,6 +20,7 @@ from sleepjax.metrics_log import read_metrics
 
 
 LABEL_FILE = "label.txt"
+EVAL_SLEEP_N_FILE = "eval_sleep_n.json"  # written by the launchers' --eval_sleep_n
 
 
 def run_label(run_dir: str | os.PathLike, sleep_n: int) -> str:
@@ -163,15 +164,33 @@ def plot_accuracy(runs: list[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def eval_sleep_n_table(results: list[dict]) -> str:
+    """Accuracy per difficulty x test-time N, one row per (run, seed, N); results as in eval_sleep_n.json."""
+    keys = sorted({k for r in results for m in r["by_n"].values() for k in m if k.startswith("exact/")},
+                  key=lambda k: float(re.sub(r"[^0-9.]", "", k.split("=")[-1]) or 0))
+    lines = ["| run | seed | test N | exact (all) | " + " | ".join(k.split("/")[1] for k in keys) + " |",
+             "|" + "---|" * (len(keys) + 4)]
+    for r in results:
+        for n, m in sorted(r["by_n"].items(), key=lambda item: int(item[0])):
+            trained = " (trained)" if int(n) == r["trained_n"] else ""
+            lines.append(f"| {r['label']} | {r['seed']} | {n}{trained} | {m['exact']:.3f} | " +
+                         " | ".join(f"{m.get(k, float('nan')):.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def write_comparison(workdir: str | os.PathLike, run_dirs: list[str | os.PathLike], title: str = "") -> str:
     """Writes ``results.md`` and ``accuracy.png`` in workdir; returns the markdown."""
     runs = [load_run(d) for d in run_dirs]
     workdir = Path(workdir)
+    at_n = [json.loads((Path(d) / EVAL_SLEEP_N_FILE).read_text()) for d in run_dirs
+            if (Path(d) / EVAL_SLEEP_N_FILE).exists()]
+    at_n_text = (f"## Evaluated at other N (test-time sleep passes; same weights)\n\n{eval_sleep_n_table(at_n)}\n\n"
+                 if at_n else "")
     plot_accuracy(runs, workdir / "accuracy.png")
     text = (f"# {title or 'Sleep sweep'}\n\nFinal held-out exact accuracy per run (several seeds: `mean [min-max]`); "
             f"cost = seconds per step relative to N = 1.\n\n{comparison_table(runs)}\n\n"
             f"## Every seed\n\n{seeds_table(runs)}\n\n"
-            f"## Best accuracy reached during training\n\n{best_table(runs)}\n\n"
+            f"## Best accuracy reached during training\n\n{best_table(runs)}\n\n{at_n_text}"
             f"![held-out exact accuracy (mean over seeds, min-max band)](accuracy.png)\n")
     (workdir / "results.md").write_text(text)
     return text
