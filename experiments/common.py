@@ -8,6 +8,8 @@ Flags left unset take the preset's value; flags given override it.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +34,9 @@ class Preset:
 
 
 # Flags that name one run inside a sweep: the sweep sets them itself for every child run.
-_PER_RUN = ("sleep_n", "seed", "workdir", "sweep_n", "seeds", "parallel")
+_PER_RUN = ("sleep_n", "seed", "workdir", "sweep_n", "seeds", "parallel", "baselines", "baseline", "compute_match_n",
+            "eval_sleep_n")
+BASELINES = ("transformer", "no_eviction", "compute_matched")
 
 flags.DEFINE_integer("sleep_n", 1, "N: passes over every consolidation window (1 = no extra sleep).", lower_bound=1)
 flags.DEFINE_list("sweep_n", None, "Train one model per N (e.g. 1,2,4), same data and seed, then compare.")
@@ -70,10 +74,90 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (with --coordinator_address).")
 flags.DEFINE_multi_string("model_set", [], "Override a ModelConfig field: --model_set=d_model=128 (repeatable).")
+flags.DEFINE_enum("eviction", None, ["hard", "sliding"], "What attention keeps after a window is consolidated: "
+                  "hard = nothing (Algorithm 1); sliding = its last L-1 tokens (paper section 6.4).")
+flags.DEFINE_string("sleep_layers", None, "start:stop: the sleep passes loop only layers start..stop-1; the layers "
+                    "before run once before them, the layers from stop once after (default: all layers loop).")
+flags.DEFINE_list("baselines", None, "Extra runs beside the sweep, each a row of its report: transformer (attention "
+                  "only, full context, no eviction), no_eviction (the same hybrid, full-context attention), "
+                  "compute_matched (N = 1 trained for the layer passes (FLOPs) of each N > 1 of the sweep).")
+flags.DEFINE_enum("baseline", "none", ["none", "transformer", "no_eviction"], "Train this one run as a baseline "
+                  "(what --baselines runs): transformer or no_eviction.")
+flags.DEFINE_integer("compute_match_n", None, "Train N = 1 for as many layer passes (FLOPs) as N = this would "
+                     "take in --steps (more steps; what --baselines=compute_matched runs).", lower_bound=2)
+flags.DEFINE_list("eval_sleep_n", None, "After training, evaluate every run's final checkpoint at each of these N "
+                  "(e.g. 1,2,4,8), whatever N it was trained with: a table of accuracy per difficulty x N.")
 
 _TRAIN_FLAGS = ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "log_every", "optimizer",
                 "muon_lr", "adam_lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "mesh", "seed")
-_MODEL_FLAGS = ("remat", "dtype", "ssm_rule", "gdn_backend", "attn_backend", "sleep_n")
+_MODEL_FLAGS = ("remat", "dtype", "ssm_rule", "gdn_backend", "attn_backend", "sleep_n", "eviction")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of a launcher call: its N and seed, and whether it is a baseline (see --baselines)."""
+
+    sleep_n: int
+    seed: int
+    baseline: str = "none"  # "none", "transformer" or "no_eviction"
+    compute_match_n: int | None = None  # N = 1 trained for the layer passes of N = this
+
+    @property
+    def name(self) -> str:
+        """Directory name inside a sweep."""
+        if self.baseline != "none":
+            return f"{self.baseline}_seed{self.seed}"
+        if self.compute_match_n:
+            return f"N1_flopsN{self.compute_match_n}_seed{self.seed}"
+        return f"N{self.sleep_n}_seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """Row label in reports."""
+        if self.baseline == "transformer":
+            return "transformer (attention only, full context)"
+        if self.baseline == "no_eviction":
+            return "hybrid, no eviction (full context)"
+        if self.compute_match_n:
+            return f"N = 1, compute-matched to N = {self.compute_match_n}"
+        return f"N = {self.sleep_n}"
+
+    @property
+    def flags(self) -> list[str]:
+        out = [f"--sleep_n={self.sleep_n}", f"--seed={self.seed}", f"--baseline={self.baseline}"]
+        return out + ([f"--compute_match_n={self.compute_match_n}"] if self.compute_match_n else [])
+
+
+def expand_runs() -> list[RunSpec]:
+    """The runs the flags ask for: every N of --sweep_n (or --sleep_n) x every seed, then the --baselines."""
+    sweep = [int(n) for n in FLAGS.sweep_n] if FLAGS.sweep_n else [FLAGS.sleep_n]
+    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [FLAGS.seed]
+    if any(n < 1 for n in sweep):
+        raise app.UsageError(f"--sweep_n values must be >= 1, got {FLAGS.sweep_n}")
+    unknown = sorted(set(FLAGS.baselines or []) - set(BASELINES))
+    if unknown:
+        raise app.UsageError(f"--baselines must be a list of {BASELINES}, got {unknown}")
+    if FLAGS.baselines is None:
+        return [RunSpec(n, s, FLAGS.baseline, FLAGS.compute_match_n) for n in sweep for s in seeds]
+    runs = [RunSpec(n, s) for n in sweep for s in seeds]
+    for name in FLAGS.baselines:
+        if name == "compute_matched":
+            if not any(n > 1 for n in sweep):
+                raise app.UsageError("--baselines=compute_matched needs an N > 1 in --sweep_n (or --sleep_n)")
+            runs += [RunSpec(1, s, compute_match_n=n) for n in sweep if n > 1 for s in seeds]
+        else:
+            runs += [RunSpec(1, s, baseline=name) for s in seeds]
+    return runs
+
+
+def _parse_sleep_layers(value: str | None):
+    if value is None:
+        return {}
+    start, sep, stop = value.partition(":")
+    try:
+        return {"sleep_layers": (int(start), int(stop))} if sep else int("x")
+    except ValueError:
+        raise ValueError(f"--sleep_layers must be start:stop (e.g. 7:21), got {value!r}") from None
 
 
 def _parse_model_set(entries: list[str]) -> dict[str, Any]:
@@ -98,8 +182,9 @@ def _parse_model_set(entries: list[str]) -> dict[str, Any]:
     return out
 
 
-def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...], sleep_n: int, seed: int):
-    """(task, ModelConfig, TrainConfig) for one run: preset values, then every flag that was given."""
+def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...], run: RunSpec):
+    """(task, ModelConfig, TrainConfig) for one run: preset values, then every flag that was given, then what the
+    run's baseline changes (full-context window, attention-only layers, compute-matched steps)."""
     from sleepjax import tasks
     from sleepjax.config import ModelConfig
     from sleepjax.train import TrainConfig
@@ -109,17 +194,27 @@ def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...
     task = tasks.get(task_name, **task_options)
     train_fields = {**preset.train, **{k: getattr(FLAGS, k) for k in _TRAIN_FLAGS
                                        if getattr(FLAGS, k) is not None and FLAGS[k].present}}
-    train_fields["seed"] = seed
-    train_cfg = TrainConfig(**train_fields)
+    train_fields["seed"] = run.seed
     model_fields = {k: getattr(FLAGS, k) for k in _MODEL_FLAGS if getattr(FLAGS, k) is not None}
-    model_fields["sleep_n"] = sleep_n
+    model_fields["sleep_n"] = run.sleep_n
     model_cfg = ModelConfig.preset(preset.model, **{**preset.model_overrides, "vocab_size": task.vocab_size,
                                                     "window": task.window, **model_fields,
+                                                    **_parse_sleep_layers(FLAGS.sleep_layers),
                                                     **_parse_model_set(FLAGS.model_set)})
-    return task, model_cfg, train_cfg
+    if run.baseline != "none":  # one window holds the whole sequence: nothing is ever evicted or slept over
+        model_cfg = model_cfg.replace(window=task.seq_len, sleep_n=1, sleep_layers=None)
+        if run.baseline == "transformer":
+            model_cfg = model_cfg.replace(layers=("attn",) * len(model_cfg.layers), mlp_free_layers=())
+    if run.compute_match_n:
+        from sleepjax.model import layer_passes
+
+        mask = task.batch(run.seed, 0, 8)["loss_mask"]
+        ratio = layer_passes(model_cfg.replace(sleep_n=run.compute_match_n), mask) / layer_passes(model_cfg, mask)
+        train_fields["steps"] = math.ceil(train_fields.get("steps", TrainConfig.steps) * ratio)
+    return task, model_cfg, TrainConfig(**train_fields)
 
 
-_COMMON_FLAGS = ("config",) + _TRAIN_FLAGS + _MODEL_FLAGS + ("model_set",)
+_COMMON_FLAGS = ("config",) + _TRAIN_FLAGS + _MODEL_FLAGS + ("model_set", "sleep_layers")
 
 
 def init_distributed() -> None:
@@ -143,46 +238,46 @@ def init_distributed() -> None:
         jax.distributed.initialize()
 
 
-def _child_command(module: str, task_flags: tuple[str, ...], sleep_n: int, seed: int, workdir: Path) -> list[str]:
+def _child_command(module: str, task_flags: tuple[str, ...], run: RunSpec, workdir: Path) -> list[str]:
     """The launcher's own command line for one run of a sweep: every flag given, per-run flags replaced."""
-    given = [FLAGS[name].serialize() for name in _COMMON_FLAGS + task_flags
-             if FLAGS[name].present and name not in _PER_RUN]
-    return [sys.executable, "-m", module, *given, f"--sleep_n={sleep_n}", f"--seed={seed}", f"--workdir={workdir}"]
+    # A repeatable flag (--model_set) serialises to one line per value: each must be an argument of its own.
+    given = [arg for name in _COMMON_FLAGS + task_flags if FLAGS[name].present and name not in _PER_RUN
+             for arg in FLAGS[name].serialize().split("\n")]
+    return [sys.executable, "-m", module, *given, *run.flags, f"--workdir={workdir}"]
 
 
-def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[int, int, Path]],
+def _run_parallel(module: str, task_flags: tuple[str, ...], runs: list[tuple[RunSpec, Path]],
                   parallel: int) -> None:
     """Trains the runs in child processes, ``parallel`` at a time, each on one CPU thread; logs to run/log.txt."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false").strip()
     # Longest runs (largest N) first, so the last runs to finish are short ones.
-    pending, active, failed = sorted(runs, key=lambda r: -r[0]), [], []
+    pending, active, failed = sorted(runs, key=lambda r: -max(r[0].sleep_n, r[0].compute_match_n or 0)), [], []
     last_report = 0.0
     while pending or active:
         while pending and len(active) < parallel:
-            n, seed, run_dir = pending.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run, run_dir = pending.pop(0)
             log = (run_dir / "log.txt").open("a")
-            proc = subprocess.Popen(_child_command(module, task_flags, n, seed, run_dir), stdout=log,
+            proc = subprocess.Popen(_child_command(module, task_flags, run, run_dir), stdout=log,
                                     stderr=subprocess.STDOUT, env=env)
-            active.append((proc, log, n, seed, run_dir))
-            print(f"started N={n} seed={seed} -> {run_dir}/log.txt", flush=True)
+            active.append((proc, log, run, run_dir))
+            print(f"started {run.label}, seed {run.seed} -> {run_dir}/log.txt", flush=True)
         time.sleep(2.0)
         for entry in list(active):
-            proc, log, n, seed, run_dir = entry
+            proc, log, run, run_dir = entry
             if proc.poll() is not None:
                 log.close()
                 active.remove(entry)
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-                print(f"N={n} seed={seed}: {status}", flush=True)
+                print(f"{run.label}, seed {run.seed}: {status}", flush=True)
                 if proc.returncode:
                     failed.append(run_dir)
         if time.time() - last_report > 60 and active:
             last_report = time.time()
-            for _, _, n, seed, run_dir in active:
+            for _, _, run, run_dir in active:
                 lines = [l for l in (run_dir / "log.txt").read_text().splitlines() if l.startswith("step")]
-                print(f"  N={n} seed={seed}: {lines[-1] if lines else 'compiling...'}", flush=True)
+                print(f"  {run.label}, seed {run.seed}: {lines[-1] if lines else 'compiling...'}", flush=True)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in: " + ", ".join(map(str, failed)))
 
@@ -197,22 +292,24 @@ def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...]
     from sleepjax import report, sharding
     from sleepjax.train import check_workdir, train
 
-    sweep = [int(n) for n in FLAGS.sweep_n] if FLAGS.sweep_n else None
-    seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
-    if sweep is not None and any(n < 1 for n in sweep):
-        raise app.UsageError(f"--sweep_n values must be >= 1, got {FLAGS.sweep_n}")
-    workdir = Path(FLAGS.workdir or f"runs/{task_name}/{FLAGS.config}" +
-                   ("" if sweep or seeds else f"_N{FLAGS.sleep_n}"))
-    runs = [(n, s) for n in (sweep or [FLAGS.sleep_n]) for s in (seeds or [FLAGS.seed])]
+    several = bool(FLAGS.sweep_n or FLAGS.seeds or FLAGS.baselines)
+    runs = expand_runs()
+    single_name = (f"_N{FLAGS.sleep_n}" if runs[0].baseline == "none" and not runs[0].compute_match_n
+                   else f"_{runs[0].name.rsplit('_seed', 1)[0]}")
+    workdir = Path(FLAGS.workdir or f"runs/{task_name}/{FLAGS.config}" + ("" if several else single_name))
+    eval_ns = [int(n) for n in FLAGS.eval_sleep_n] if FLAGS.eval_sleep_n else []
     try:
+        if any(n < 1 for n in eval_ns):
+            raise ValueError(f"--eval_sleep_n values must be >= 1, got {FLAGS.eval_sleep_n}")
         sharding.parse_mesh(FLAGS.mesh)
         check_workdir(workdir)
-        built = {(n, s): build(task_name, presets, task_flags, n, s) for n, s in runs}  # validates everything
+        built = {run: build(task_name, presets, task_flags, run) for run in runs}  # validates everything
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
-    if len(runs) == 1 and not sweep and not seeds:
+    if not several:
         task, model_cfg, train_cfg = built[runs[0]]
+        (workdir / report.LABEL_FILE).write_text(runs[0].label + "\n")
         print(f"{task_name}: {presets[FLAGS.config].description or FLAGS.config}; N = {model_cfg.sleep_n}; "
               f"workdir {workdir}", flush=True)
         from sleepjax.train import Preempted, UnreadableCheckpoints
@@ -227,22 +324,46 @@ def main(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...]
             sys.exit(1)
         except Preempted as e:  # checkpoint saved and said so; exit 75 (EX_TEMPFAIL): run the same command again
             sys.exit(e.code)
+        if eval_ns:
+            print(report.eval_sleep_n_table([_evaluate_at_n(workdir, eval_ns)]))
         return
 
-    run_dirs = {(n, s): workdir / f"N{n}_seed{s}" for n, s in runs}
-    print(f"{task_name} sweep: N in {sorted({n for n, _ in runs})}, seeds {sorted({s for _, s in runs})}, "
-          f"{len(runs)} runs, {FLAGS.parallel} at a time -> {workdir}", flush=True)
+    run_dirs = {run: workdir / run.name for run in runs}
+    for run, run_dir in run_dirs.items():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / report.LABEL_FILE).write_text(run.label + "\n")
+    print(f"{task_name} sweep: {len(runs)} runs ({', '.join(sorted({r.label for r in runs}))}; seeds "
+          f"{sorted({r.seed for r in runs})}), {FLAGS.parallel} at a time -> {workdir}", flush=True)
     if FLAGS.parallel > 1:
-        _run_parallel(module, task_flags, [(n, s, run_dirs[(n, s)]) for n, s in runs], FLAGS.parallel)
+        _run_parallel(module, task_flags, list(run_dirs.items()), FLAGS.parallel)
     else:
-        for key in runs:
-            task, model_cfg, train_cfg = built[key]
-            print(f"--- N = {key[0]}, seed = {key[1]} ---", flush=True)
-            train(task, model_cfg, train_cfg, run_dirs[key])
-    text = report.write_comparison(workdir, [run_dirs[k] for k in runs],
+        for run in runs:
+            print(f"--- {run.label}, seed = {run.seed} ---", flush=True)
+            train(*built[run], run_dirs[run])
+    if eval_ns:
+        for run in runs:
+            if run.baseline == "none":
+                _evaluate_at_n(run_dirs[run], eval_ns)
+    text = report.write_comparison(workdir, [run_dirs[r] for r in runs],
                                    title=f"{task_name} ({FLAGS.config}): sleep passes N")
     print(text)
     print(f"wrote {workdir / 'results.md'} and {workdir / 'accuracy.png'}")
+
+
+def _evaluate_at_n(run_dir: Path, ns: list[int]) -> dict:
+    """The run's final checkpoint on its held-out set at every N in ``ns``; written to eval_sleep_n.json."""
+    from sleepjax import report
+    from sleepjax.evaluate import evaluate_at_sleep_n
+    from sleepjax.train import load_run
+
+    params, model_cfg, train_cfg, task = load_run(run_dir)
+    batches = task.eval_set(train_cfg.eval_seed, train_cfg.eval_size, train_cfg.eval_batch_size)
+    result = {"label": report.run_label(run_dir, model_cfg.sleep_n), "seed": train_cfg.seed,
+              "trained_n": model_cfg.sleep_n,
+              "by_n": {str(n): metrics for n, metrics in evaluate_at_sleep_n(
+                  params, batches, ns, num_items=task.num_items, difficulty_name=task.difficulty_name).items()}}
+    (run_dir / report.EVAL_SLEEP_N_FILE).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def define_config_flag(presets: dict[str, Preset], default: str) -> None:
