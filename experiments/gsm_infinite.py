@@ -22,18 +22,28 @@ PRESETS = {
     f"{scale}{suffix}": common.Preset(
         model="tiny" if scale == "tiny" else "paper", task=dict(preset=f"{scale}{suffix}"),
         train=_TINY_TRAIN if scale == "tiny" else _PAPER_TRAIN,
-        description=f"{'CPU scale, d=64' if scale == 'tiny' else 'paper-length problems, d=256'}, "
+        description=f"{'CPU scale, d=64' if scale == 'tiny' else 'paper-length problems (stream layout), d=256'}, "
                     f"{(suffix[1:] or 'medium')} subset")
     for scale in ("tiny", "paper") for suffix in ("", "_hard", "_symbolic")
 }
+PRESETS["paper_sliding"] = common.Preset(
+    model="paper", task=dict(preset="paper_sliding"), train=_PAPER_TRAIN, model_overrides=dict(eviction="sliding"),
+    description="the paper's sliding-window setting: windows of 512, problems 4-6 windows long, sliding eviction "
+                "(warm up with --eviction=hard first, or --warmup_eviction_steps)")
 
 common.define_config_flag(PRESETS, "tiny")
 flags.DEFINE_integer("op_min", None, "Smallest op count (operations needed for the answer).", lower_bound=1)
 flags.DEFINE_integer("op_max", None, "Largest op count.", lower_bound=1)
-flags.DEFINE_integer("context_len", None, "Tokens of the (consolidated) question + statements region.",
-                     lower_bound=1)
+flags.DEFINE_integer("context_len", None, "Tokens of the question + statements region (stream layout: of the "
+                     "whole sequence).", lower_bound=1)
+flags.DEFINE_enum("layout", None, ["evict", "stream"], "evict: the whole problem is consolidated and evicted before "
+                  "the answer; stream (the paper's): windows fill from the start of the text, the answer's window "
+                  "still holds the end of the problem.")
+flags.DEFINE_integer("window", None, "Tokens per window (L); context_len must be a multiple.", lower_bound=1)
+flags.DEFINE_string("tokenizer", None, "Tokenize the problems with this tokenizer.json (or a checkpoint directory "
+                    "holding one) instead of the task's word vocabulary.")
 
-TASK_FLAGS = ("op_min", "op_max", "context_len")
+TASK_FLAGS = ("op_min", "op_max", "context_len", "layout", "window", "tokenizer")
 
 
 def main(argv):

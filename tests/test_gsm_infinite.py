@@ -267,7 +267,8 @@ def test_layout_and_check_example(preset):
             check_problem(task, task.problem(1, index, "test"))
             assert 1800 <= ex.meta["num_tokens"] <= 3300, ex.meta["num_tokens"]
         words = [vocab[t] for t in ex.tokens]
-        ctx = task.context_len
+        ctx = ex.meta["answer_start"]  # evict: the context fills context_len; stream: the answer follows the text
+        assert ctx == (task.context_len if task.layout == "evict" else ex.meta["num_tokens"])
         start = words.index("BOS")
         assert set(words[:start]) <= {"PAD"} and "PAD" not in words[start:ctx]
         assert ex.meta["num_tokens"] == ctx - start
@@ -281,7 +282,9 @@ def test_layout_and_check_example(preset):
         assert supervised.tolist() == list(range(ctx + 1, end))  # predicts every answer token and EOS
         assert np.all(ex.meta["item"][supervised] == 0) and np.sum(ex.meta["item"] >= 0) == len(supervised)
         assert ex.meta["difficulty"].tolist() == [ex.meta["op"]]
-        assert not ex.loss_mask[:ctx].any()  # the context windows are consolidation windows
+        assert not ex.loss_mask[:ctx].any()
+        if task.layout == "stream":  # the paper's layout: the text starts at 0; the first window is consolidated
+            assert start == 0 and ctx > task.window and task.seq_len == task.context_len
     assert task.op_min == 1
 
 
@@ -423,3 +426,41 @@ def test_train_op_is_uniform_over_op_min_to_op_max(preset):
     statistic = np.sum((counts - 100.0) ** 2 / 100.0)
     assert chi2.sf(statistic, 3) > 1e-4, counts
     assert task.example(3, 0, "train").meta["difficulty"].tolist() == [ops[0]]
+
+
+def test_stream_layout_same_problems_as_evict():
+    """The layout moves the text, never the problem: same (seed, index), same problem and answer tokens."""
+    evict, stream = GSMInfinite(preset="tiny"), GSMInfinite(preset="tiny", layout="stream")
+    assert stream.seq_len == stream.context_len < evict.seq_len
+    for index in range(20):
+        a, b = evict.example(3, index, "test"), stream.example(3, index, "test")
+        assert a.meta["problem"] == b.meta["problem"] and a.meta["answer"] == b.meta["answer"]
+        n = a.meta["num_tokens"]
+        answer_a = a.tokens[evict.context_len:][a.loss_mask[evict.context_len:]]
+        answer_b = b.tokens[n:][b.loss_mask[n:]]
+        np.testing.assert_array_equal(a.tokens[evict.context_len - n:evict.context_len], b.tokens[:n])
+        np.testing.assert_array_equal(answer_a, answer_b)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GSMInfinite(preset="tiny", layout="middle")
+
+
+def test_pretrained_tokenizer():
+    """Problems tokenized by a model's tokenizer.json: the text and the answer decode back to the problem, the loss
+    is on the answer's tokens and EOS, and the ids stay inside the tokenizer's vocabulary."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "tokenizer"
+    task = GSMInfinite(preset="tiny", tokenizer=str(path), context_len=640)  # a character-level tokenizer
+    assert task.vocab_size == 105
+    encoder = task._encoder
+    for index in range(10):
+        ex = task.example(2, index, "test")
+        check_example(task, ex)
+        start = ex.meta["answer_start"]
+        context = ex.tokens[start - ex.meta["num_tokens"]:start]
+        assert encoder.decode(context).strip() == ex.meta["question"] + " " + ex.meta["problem"]
+        supervised = np.flatnonzero(ex.loss_mask)
+        targets = ex.tokens[supervised + 1]
+        assert targets[-1] == encoder.eos_id
+        assert encoder.decode(targets[:-1]).strip() == str(ex.meta["answer"])
+        assert encoder.decode(ex.tokens[start:supervised[0] + 1]).strip() == "Answer:"

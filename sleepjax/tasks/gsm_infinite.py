@@ -32,9 +32,14 @@ statements defining new quantities from needed ones (true, unneeded), and with `
 until the text reaches a token length drawn from that range. In ``symbolic`` all three add filler-tree
 statements (a spider would give a known value and could change a "which" answer).
 
-Layout: ``[PAD..., BOS, question, statements]`` fills ``context_len`` tokens (a whole number of windows,
-left-padded so the text ends at the prediction window), then the prediction window ``Answer : <answer> EOS``
-right-padded to ``pred_len``; ``seq_len = context_len + pred_len``. The loss (and item 0) is on the positions
+Layout ``evict`` (default): ``[PAD..., BOS, question, statements]`` fills ``context_len`` tokens (a whole number of
+windows, left-padded so the text ends at the prediction window), then the prediction window ``Answer : <answer> EOS``
+right-padded to ``pred_len``; ``seq_len = context_len + pred_len``: the whole problem is consolidated and evicted
+before the answer. Layout ``stream`` (the paper's): ``[BOS, question, statements, Answer : <answer> EOS, PAD...]``
+from position 0, ``seq_len = context_len``: windows fill from the start of the text, so the windows before the
+answer's are consolidated and the rest of the problem is still in attention when the answer is predicted.
+With ``tokenizer`` (a pretrained model's tokenizer.json) the text is tokenized by it instead of the closed word
+vocabulary (``text_encoding.py``). The loss (and item 0) is on the positions
 predicting the answer tokens and EOS; difficulty = [op]. Train draws op ~ Uniform{op_min..op_max}; the test
 split cycles op by index so every op gets an equal share of a run of examples.
 """
@@ -49,8 +54,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sleepjax.tasks.base import Example, Task, example_rng
+from sleepjax.tasks.text_encoding import TokenizerEncoder, WordEncoder
 
 SUBSETS = ("symbolic", "medium", "hard")
+LAYOUTS = ("evict", "stream")
 SPECIALS = ("PAD", "BOS", "EOS")
 PUNCTUATION = (".", ",", "?", ":", "=", "+", "-")
 DIGITS = tuple(str(d) for d in range(10))
@@ -458,37 +465,43 @@ class GSMInfinite(Task):
     fill_tokens (0 = off, or (lo, hi): add unneeded statements until BOS + question + statements reach a length
     drawn from the range, capped at context_len); places, categories, items (the world of one problem:
     how many places, categories and items per category it draws from); const_max (constants 1..const_max);
-    var_digits (digits of a symbolic variable name); window; context_len.
+    var_digits (digits of a symbolic variable name); window; context_len; layout ("evict" or "stream", see the
+    module docstring); tokenizer (None, or the path of a tokenizer.json / checkpoint directory).
     """
 
     DEFAULTS: Mapping[str, Any] = dict(
         subset="medium", op_min=1, op_max=4, distractors=(1, 2), noise=(0, 1), fill_tokens=0, places=2,
-        categories=2, items=3, const_max=9, var_digits=2, window=64, context_len=128)
+        categories=2, items=3, const_max=9, var_digits=2, window=64, context_len=128, layout="evict",
+        tokenizer=None)
     # tiny*: CPU scale (4 layers, d = 64): 2-10 short statements over a 2 places x 2 categories x 3 items world,
     # constants 1..9, op <= 4 (5 in hard), texts of ~25-125 tokens (mean ~60) in 2 windows of 64 (3 for hard).
-    # paper*: op 1..8, texts filled to 2000-3300 tokens in 2 windows of 2000.
+    # paper*: op 1..8, texts filled to 2000-3300 tokens, windows of 2000 from the start of the text (stream layout):
+    # the first window is consolidated, the rest of the problem and the answer share the second.
+    # paper_sliding: the paper's sliding-window setting: windows of 512, problems 4-6 windows long.
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "tiny": dict(DEFAULTS),
         "tiny_hard": dict(DEFAULTS, subset="hard", op_max=5, context_len=192),
         "tiny_symbolic": dict(DEFAULTS, subset="symbolic", distractors=(1, 3), noise=(0, 2)),
         "paper": dict(subset="medium", op_min=1, op_max=8, distractors=(2, 6), noise=(2, 6),
                       fill_tokens=(2000, 3300), places=10, categories=6, items=6, const_max=20, var_digits=6,
-                      window=2000, context_len=4000),
+                      window=2000, context_len=4000, layout="stream"),
     }
     PRESETS = {**PRESETS, "paper_hard": dict(PRESETS["paper"], subset="hard"),
-               "paper_symbolic": dict(PRESETS["paper"], subset="symbolic")}
+               "paper_symbolic": dict(PRESETS["paper"], subset="symbolic"),
+               "paper_sliding": dict(PRESETS["paper"], fill_tokens=(2048, 3000), window=512, context_len=3072)}
 
     def __init__(self, *, subset: str | None = None, op_min: int | None = None, op_max: int | None = None,
                  distractors: int | tuple[int, int] | None = None, noise: int | tuple[int, int] | None = None,
                  fill_tokens: int | tuple[int, int] | None = None, places: int | None = None,
                  categories: int | None = None, items: int | None = None, const_max: int | None = None,
                  var_digits: int | None = None, window: int | None = None, context_len: int | None = None,
-                 preset: str | None = None):
+                 layout: str | None = None, tokenizer: str | None = None, preset: str | None = None):
         if preset is not None and preset not in self.PRESETS:
             raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
         given = dict(subset=subset, op_min=op_min, op_max=op_max, distractors=distractors, noise=noise,
                      fill_tokens=fill_tokens, places=places, categories=categories, items=items,
-                     const_max=const_max, var_digits=var_digits, window=window, context_len=context_len)
+                     const_max=const_max, var_digits=var_digits, window=window, context_len=context_len,
+                     layout=layout, tokenizer=None if tokenizer is None else str(tokenizer))
         options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
                    **{k: v for k, v in given.items() if v is not None}}
         for key in ("distractors", "noise"):
@@ -502,13 +515,17 @@ class GSMInfinite(Task):
 
         self.name = "gsm_infinite"
         self.difficulty_name = "op"
-        self.vocab = VOCAB
         self.num_items = 1
-        list_tokens = MAX_LIST * (1 + self.var_digits) if self.subset == "symbolic" else 0
-        self.pred_len = 2 + max(MAX_ANSWER_DIGITS, list_tokens) + 1  # Answer : <answer> EOS
-        self.seq_len = self.context_len + self.pred_len
         self._vocab_set = frozenset(VOCAB)
-        self._salt = "gsm_infinite|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()))
+        self._encoder = (TokenizerEncoder(self.tokenizer) if self.tokenizer else WordEncoder(VOCAB, self.tokenize))
+        self.vocab = self._encoder.vocab
+        self.pred_len = self._longest_answer()
+        if self.pred_len > self.window:
+            raise ValueError(f"window must hold the prediction window of {self.pred_len} tokens, got {self.window}")
+        self.seq_len = self.context_len + (self.pred_len if self.layout == "evict" else 0)
+        # The problems do not depend on how they are tokenized or laid out: the salt leaves those options out.
+        self._salt = "gsm_infinite|" + "|".join(f"{k}={v}" for k, v in sorted(options.items())
+                                                if k not in ("layout", "tokenizer"))
 
     @staticmethod
     def _validate(o: Mapping[str, Any]) -> None:
@@ -535,6 +552,8 @@ class GSMInfinite(Task):
         need_int("items", 1, min(len(items) for _, items in CATEGORIES.values()))
         need_int("const_max", 2, 100)
         need_int("var_digits", 2, 6)
+        if o["layout"] not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {o['layout']!r}")
         need_int("window", 1)
         need_int("context_len", o["window"])
         if o["context_len"] % o["window"]:
@@ -576,7 +595,30 @@ class GSMInfinite(Task):
         return int(rng.integers(span[0], span[1] + 1))
 
     def _fill_target(self, rng: np.random.Generator) -> int:
-        return min(self._draw(rng, self.fill_tokens), self.context_len) if self.fill_tokens else 0
+        room = self.context_len - (self.pred_len if self.layout == "stream" else 0)
+        return min(self._draw(rng, self.fill_tokens), room) if self.fill_tokens else 0
+
+    def _longest_answer(self) -> int:
+        """Tokens of the longest ``Answer : <answer> EOS`` this task can ask for."""
+        if self.subset == "symbolic":
+            names = ["V" + "9" * self.var_digits] * MAX_LIST
+            tokens, text = [t for n in names for t in tokenize(n)], " ".join(names)
+        else:
+            tokens, text = list(str(MAX_VALUE)), str(MAX_VALUE)
+        prefix, body = self._encoder.answer(tokens, text)
+        return len(prefix) + len(body)
+
+    def _encode(self, problem: "Problem") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(context ids, answer prefix ids, answer body ids: the supervised answer tokens and EOS)."""
+        answer_text = " ".join(problem.answer) if isinstance(problem.answer, list) else str(problem.answer)
+        return (self._encoder.context(problem.question, problem.text),
+                *self._encoder.answer(problem.answer_tokens, answer_text))
+
+    def _fits(self, problem: "Problem") -> bool:
+        context, prefix, body = self._encode(problem)
+        if self.layout == "evict":
+            return len(context) <= self.context_len and len(prefix) + len(body) <= self.pred_len
+        return len(context) + len(prefix) + len(body) <= self.context_len
 
     def _medium(self, rng: np.random.Generator, op: int) -> Problem | None:
         g = _Graph(self, rng)
@@ -710,8 +752,7 @@ class GSMInfinite(Task):
         generate = self._symbolic if self.subset == "symbolic" else self._medium
         for _ in range(MAX_REDRAWS):
             problem = generate(rng, op)
-            if problem is not None and 1 + len(tokenize(problem.question)) + len(
-                    tokenize(problem.text)) <= self.context_len:
+            if problem is not None and self._fits(problem):
                 return problem
         raise RuntimeError(f"no problem with op={op} within context_len={self.context_len} after {MAX_REDRAWS} "
                            f"draws: lower distractors/noise or op_max, raise context_len, or (medium/hard) give "
@@ -719,20 +760,22 @@ class GSMInfinite(Task):
 
     def example(self, seed: int, index: int, split: str = "train") -> Example:
         problem = self.problem(seed, index, split)
-        context = ["BOS"] + tokenize(problem.question) + tokenize(problem.text)
-        answer = ["Answer", ":"] + problem.answer_tokens + ["EOS"]
-        tokens = np.full(self.seq_len, self.token_id("PAD"), dtype=np.int32)
-        tokens[self.context_len - len(context):self.context_len] = self.encode(context)
-        tokens[self.context_len:self.context_len + len(answer)] = self.encode(answer)
+        context, prefix, body = self._encode(problem)
+        answer = np.concatenate([prefix, body])
+        tokens = np.full(self.seq_len, self._encoder.pad_id, dtype=np.int32)
+        start = self.context_len if self.layout == "evict" else len(context)  # where the answer begins
+        tokens[start - len(context):start] = context
+        tokens[start:start + len(answer)] = answer
         loss_mask = np.zeros(self.seq_len, dtype=bool)
         item = np.full(self.seq_len, -1, dtype=np.int32)
-        # position t predicts token t + 1: from ':' (predicts the first answer token) to the last answer token
-        supervised = slice(self.context_len + 1, self.context_len + len(answer) - 1)
+        # position t predicts token t + 1: from the prefix's last token (predicts the first answer token) to the
+        # last answer token (predicts EOS)
+        supervised = slice(start + len(prefix) - 1, start + len(answer) - 1)
         loss_mask[supervised] = True
         item[supervised] = 0
         meta = dict(item=item, difficulty=np.array([problem.op], dtype=np.int32), problem=problem.text,
                     question=problem.question, answer=problem.answer, op=problem.op, subset=problem.subset,
-                    solution=problem.solution, num_tokens=len(context))
+                    solution=problem.solution, num_tokens=len(context), answer_start=start)
         return Example(tokens=tokens, loss_mask=loss_mask, meta=meta)
 
     def export_jsonl(self, path: str, seed: int, count: int, split: str = "test") -> None:
