@@ -5,7 +5,6 @@ and one GDN layer) and tiny batches; the three commands start together (four tra
 XLA compilation) and the tests then read their outputs.
 """
 
-import ast
 import json
 import os
 import re
@@ -25,8 +24,6 @@ MICRO = dict(d_model=16, layers="attn,gdn", attn_heads=1, attn_kv_heads=1, attn_
 MICRO_FLAGS = [f"--model_set={k}={v}" for k, v in MICRO.items()]
 COMMON = ["--steps=3", "--batch_size=4", "--eval_size=4", "--eval_every=2", "--checkpoint_every=2",
           "--log_every=1", "--warmup_steps=1"]
-# The sweep passes a single --model_set: with several, every child of a --parallel sweep fails at start (see
-# test_sweep_children_get_every_model_set_flag).
 COMMANDS = {
     "rule110": ["experiments.rule110", "--width=6", "--strings=2", "--t=1", "--sleep_n=2", *MICRO_FLAGS],
     "gsm_infinite": ["experiments.gsm_infinite", "--op_max=3", "--sleep_n=2", *MICRO_FLAGS],
@@ -107,15 +104,38 @@ def test_depo_sweep_writes_comparison(runs):
     assert "wrote" in output and "results.md" in output
 
 
-@pytest.mark.xfail(strict=True, reason="bug in experiments/common.py _child_command: a repeated flag (--model_set) "
-                   "is serialized as ONE argument with newlines, so every child of a --parallel sweep given two "
-                   "--model_set flags dies at start; remove this marker with the fix")
-def test_sweep_children_get_every_model_set_flag():
-    code = ("import sys; from absl import flags; from experiments import common, depo; flags.FLAGS(sys.argv); "
-            "print(repr(common._child_command('experiments.depo', depo.TASK_FLAGS, 2, 0, 'w')))")
-    out = subprocess.run([sys.executable, "-c", code, "--model_set=d_model=16", "--model_set=mlp_dim=32",
-                          "--max_hops=2"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    command = ast.literal_eval(out.stdout.strip().splitlines()[-1])
-    assert "--model_set=d_model=16" in command and "--model_set=mlp_dim=32" in command, command
-    assert "--max_hops=2" in command and "--sleep_n=2" in command
+_RECORD_CHILDREN = """
+import json, subprocess, sys
+from absl import app
+from experiments import depo
+children = []
+class Child:  # stands in for the sweep's child processes: records the command line, finishes at once
+    returncode = 0
+    def __init__(self, argv, **kwargs):
+        children.append(list(argv))
+    def poll(self):
+        return 0
+    def wait(self, *args, **kwargs):
+        return 0
+subprocess.Popen = Child
+try:
+    app.run(depo.main, argv=["depo", *sys.argv[1:]])
+except BaseException:  # SystemExit, or the report finding no finished runs
+    pass
+print(json.dumps(children))
+"""
+
+
+def test_sweep_children_get_every_flag_given(tmp_path):
+    """Catches a repeated flag (--model_set) serialised as ONE argument holding newlines (every child of a
+    --parallel sweep given two --model_set flags then died at start)."""
+    out = subprocess.run([sys.executable, "-c", _RECORD_CHILDREN, "--sweep_n=1,2", "--parallel=2", "--max_hops=2",
+                          "--model_set=d_model=16", "--model_set=mlp_dim=32", "--steps=7", f"--workdir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    children = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(children) == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    for argv in children:
+        for flag in ("--max_hops=2", "--model_set=d_model=16", "--model_set=mlp_dim=32", "--steps=7"):
+            assert flag in argv, (flag, argv)
+    assert sorted(next(a for a in argv if a.startswith("--sleep_n=")) for argv in children) == [
+        "--sleep_n=1", "--sleep_n=2"]
