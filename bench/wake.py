@@ -3,6 +3,7 @@ and the same for an attention-only model that keeps its whole KV cache.
 
     python bench/wake.py                   # tiny config, window 64, N = 4
     python bench/wake.py --positions=1024,32768 --window=64 --sleep_n=4
+    python bench/wake.py --eviction=sliding --skip_full_cache   # sliding-window eviction (2L keys per token)
 """
 
 import argparse
@@ -31,7 +32,8 @@ def time_steps(step, params, stream, tokens):
 
 
 def sleepjax_latency(args, positions):
-    cfg = sleepjax.ModelConfig.preset(args.config, vocab_size=256, window=args.window, sleep_n=args.sleep_n)
+    cfg = sleepjax.ModelConfig.preset(args.config, vocab_size=256, window=args.window, sleep_n=args.sleep_n,
+                                      eviction=args.eviction)
     params = sleepjax.init(cfg, jax.random.PRNGKey(0))
     step = jax.jit(sleepjax.stream_step)
     stream = sleepjax.stream_init(params, args.batch)
@@ -68,16 +70,20 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--positions", default="1024,32768")
     ap.add_argument("--sample", type=int, default=200, help="tokens timed after each position")
+    ap.add_argument("--eviction", default="hard", choices=["hard", "sliding"])
+    ap.add_argument("--skip_full_cache", action="store_true", help="skip the attention-only full-cache baseline")
     args = ap.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
-    print(f"{args.config} config, window {args.window}, N = {args.sleep_n}, batch {args.batch}, "
-          f"device {jax.devices()[0].device_kind}")
+    print(f"{args.config} config, window {args.window}, N = {args.sleep_n}, {args.eviction} eviction, batch "
+          f"{args.batch}, device {jax.devices()[0].device_kind}")
     wake, sleep_cost, sleeps = sleepjax_latency(args, positions)
     for p in positions:
         print(f"sleepjax   position ~{p:6d}: median wake step {wake[p] * 1e3:7.3f} ms")
     print(f"sleepjax   ratio {positions[-1]}/{positions[0]}: {wake[positions[-1]] / wake[positions[0]]:.3f}   "
           f"one sleep (N = {args.sleep_n} passes over {args.window} tokens): +{sleep_cost * 1e3:.2f} ms "
           f"({sleeps} sleeps streamed)")
+    if args.skip_full_cache:
+        return
     full = {p: full_cache_latency(args, p) for p in positions}
     for p in positions:
         print(f"full cache position ~{p:6d}: median step {full[p] * 1e3:7.3f} ms")
