@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "gdn", "fla", "attention", "train")
 # Seconds per stage on a GPU host: 455 in all (the .sh wrapper allows 470).
-TIMEOUTS = {"env": 25, "tests": 115, "gdn": 100, "fla": 85, "attention": 50, "train": 80}
+TIMEOUTS = {"env": 20, "tests": 110, "gdn": 90, "fla": 80, "attention": 45, "train": 110}
 SMOKE_TIMEOUTS = {"env": 120, "tests": 900, "gdn": 600, "fla": 120, "attention": 400, "train": 900}
 
 ENV_SCRIPT = r"""
@@ -84,12 +84,12 @@ def stage_commands(out: Path, smoke: bool) -> dict:
         train = ["--steps=4", "--batch_size=4", "--eval_size=8", "--log_every=1", "--eval_every=4",
                  "--checkpoint_every=4"]
     else:
-        size = ["--seq", "8192", "--head-dim", "128", "--iters", "20", "--warmup", "3"]
+        size = ["--seq", "8192", "--head-dim", "128", "--iters", "10", "--warmup", "2"]
         gdn_heads, attn = ["--heads", "16,96"], ["--heads", "16", "--window", "2048"]
         train = ["--steps=60", "--log_every=10"]
     return {
         "env": ([py, "-c", ENV_SCRIPT], {}),
-        "tests": ([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_on_device.py",
+        "tests": ([py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels_on_device.py",
                    f"--junitxml={out / 'tests.xml'}", "--durations=5"],
                   {"SLEEPJAX_DEVICE_TESTS_ON_CPU": "1"} if smoke else {}),
         "gdn": (bench + size + gdn_heads + ["--kernels", "gdn", "--impls", "pallas,chunked",
@@ -115,8 +115,11 @@ def stage_results(name: str, out: Path, stdout: str):
         return json.loads(lines[-1]) if lines else None
     if name == "tests":
         xml = out / "tests.xml"
-        if not xml.exists():
-            return None
+        if not xml.exists():  # killed by its timeout: count the verdicts pytest -v printed so far
+            verdicts = [w for line in stdout.splitlines() if "::" in line
+                        for w in ("PASSED", "FAILED", "ERROR", "SKIPPED") if f" {w}" in line]
+            return dict(tests=len(verdicts), failures=verdicts.count("FAILED"), errors=verdicts.count("ERROR"),
+                        skipped=verdicts.count("SKIPPED"), seconds=float("nan"), partial=True)
         import xml.etree.ElementTree as ET
         suite = ET.parse(xml).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
