@@ -1,7 +1,7 @@
 """Every launcher end to end for a few steps: ``experiments.rule110`` and ``experiments.gsm_infinite`` as single runs,
 ``experiments.depo`` as a 2-N sweep with ``--parallel=2`` (the README's main-job command) writing results.md and
-accuracy.png. A micro model (d = 16, one attention and one GDN layer; the sweep: the tiny preset with one attention
-and one GDN layer) and tiny batches; the three commands start together (four trainings, ~20 s of CPU each, mostly
+accuracy.png. A micro model (d = 16, one attention and one GDN layer, set by repeated --model_set flags) and tiny
+batches; the three commands start together (four trainings, ~20 s of CPU each, mostly
 XLA compilation) and the tests then read their outputs.
 """
 
@@ -28,7 +28,7 @@ COMMANDS = {
     "rule110": ["experiments.rule110", "--width=6", "--strings=2", "--t=1", "--sleep_n=2", *MICRO_FLAGS],
     "gsm_infinite": ["experiments.gsm_infinite", "--op_max=3", "--sleep_n=2", *MICRO_FLAGS],
     "depo_sweep": ["experiments.depo", "--sweep_n=1,2", "--parallel=2", "--max_hops=2", "--questions=4",
-                   "--model_set=layers=attn,gdn"],
+                   *MICRO_FLAGS],
 }
 TIMEOUT = 600
 
@@ -73,6 +73,7 @@ def check_run(run_dir, difficulty_keys, sleep_n):
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [2, 3]
     assert 3 in finished_checkpoints(run_dir), "the final step must be checkpointed"
     config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["d_model"] == 16 and config["model"]["mlp_dim"] == 32  # every --model_set arrived
     assert config["model"]["layers"] == ["attn", "gdn"] and config["model"]["sleep_n"] == sleep_n
     assert config["train"]["steps"] == 3 and config["train"]["batch_size"] == 4
     return config
