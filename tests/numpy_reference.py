@@ -16,6 +16,16 @@ open are fixed here and named where they are used:
 Pieces are plain functions (norm, MLP, RoPE, attention, conv, GDN, block, pass, window, Algorithm 1, stream) so
 that new ``ModelConfig`` options can be modelled by adding one branch where they act; ``check_supported`` refuses
 any config field this reference does not model unless it has its default value (today's behaviour).
+
+Options modelled beyond the defaults, from the ModelConfig docstring and method.md section 2:
+* ``sleep_layers=(lo, hi)``: a window runs layers 0..lo-1 once, layers lo..hi-1 once (wake) or N times (sleep),
+  layers hi.. once on the last pass's output;
+* ``eviction="sliding"``: each window's attention also sees the keys/values that the previous window's WAKE pass
+  (one pass of the whole stack from the fast weights at that window's start) produced, before RoPE; positions
+  count from the previous window's start, and every query sees the L positions up to itself;
+* ``attn_output_gate`` (each head's output times sigmoid(x W_q_gate)), ``qk_norm`` (RMSNorm over each q/k head
+  before RoPE), ``rope_dim`` (only the first rope_dim dims of a head rotate), ``norm_weight_offset`` (block, final
+  and q/k norms scale by offset + weight; not the GDN output norm), ``mlp_free_layers``, ``tie_embeddings``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ import numpy as np
 MODELLED_FIELDS = frozenset({
     "vocab_size", "d_model", "layers", "attn_heads", "attn_kv_heads", "attn_head_dim", "gdn_heads",
     "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n", "ssm_rule",
-    "rope_theta", "norm_eps",
+    "rope_theta", "norm_eps", "eviction", "sleep_layers", "attn_output_gate", "qk_norm", "rope_dim",
+    "norm_weight_offset", "mlp_free_layers", "tie_embeddings",
     "dtype", "remat", "gdn_backend", "attn_backend", "chunk_size",
 })
 L2_EPS = 1e-6
@@ -43,8 +54,8 @@ def check_supported(cfg) -> None:
         if getattr(cfg, field.name) != default:
             raise NotImplementedError(f"numpy_reference does not model ModelConfig.{field.name}="
                                       f"{getattr(cfg, field.name)!r}; add it here first")
-    if cfg.ssm_rule not in ("delta", "hebbian"):
-        raise NotImplementedError(f"ssm_rule={cfg.ssm_rule!r}")
+    if cfg.ssm_rule not in ("delta", "hebbian") or cfg.eviction not in ("hard", "sliding"):
+        raise NotImplementedError(f"ssm_rule={cfg.ssm_rule!r}, eviction={cfg.eviction!r}")
 
 
 class Weights:
@@ -56,9 +67,13 @@ class Weights:
         f64 = lambda x: np.asarray(x, dtype=np.float64)
         self.embed = f64(params.embed)
         self.final_norm = f64(params.final_norm)
-        self.unembed = f64(params.unembed)
+        self.unembed = self.embed.T if self.cfg.tie_embeddings else f64(params.unembed)
         self.layers = [{k: ({kk: f64(vv) for kk, vv in v.items()} if isinstance(v, dict) else f64(v))
                         for k, v in layer.items()} for layer in params.layers]
+        self.attn_index = {}  # layer -> its index among the attention layers (their kept keys/values)
+        for i, kind in enumerate(self.cfg.layers):
+            if kind == "attn":
+                self.attn_index[i] = len(self.attn_index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,6 +97,11 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
+def model_norm(x, weight, cfg):
+    """The block, final and q/k norms: scaled by norm_weight_offset + weight."""
+    return rms_norm(x, cfg.norm_weight_offset + weight, cfg.norm_eps)
+
+
 def l2_normalize(x):
     return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
 
@@ -95,11 +115,12 @@ def swiglu_mlp(p, x):
 # Attention (window-local, causal, RoPE from the window start, grouped heads)
 
 
-def rope(x, positions, theta):
-    """x [T, D] (one head), positions [T]: rotate the pairs (i, i + D/2) by position * theta**(-2i/D)."""
-    D = x.shape[-1]
+def rope(x, positions, theta, rope_dim=None):
+    """x [T, D] (one head), positions [T]: rotate the pairs (i, i + R/2) by position * theta**(-2i/R) for
+    i < R/2, R = rope_dim (default D); dims from R on are left as they are."""
+    D = x.shape[-1] if rope_dim is None else rope_dim
     half = D // 2
-    out = np.empty_like(x)
+    out = np.array(x, copy=True)
     for i in range(half):
         angle = positions * theta ** (-2.0 * i / D)
         c, s = np.cos(angle), np.sin(angle)
@@ -108,26 +129,41 @@ def rope(x, positions, theta):
     return out
 
 
-def attention(p, x, cfg):
-    """x [T, d] (the normalised block input of ONE window) -> [T, d]. Positions 0..T-1 from the window start;
-    query t sees keys 0..t of this window only."""
+def attention(p, x, cfg, context=None):
+    """x [T, d] (the normalised block input of ONE window) -> (out [T, d], (k, v) of this window before RoPE,
+    each [T, Hkv*D]). Hard eviction (context None): positions 0..T-1 from the window start and query t sees keys
+    0..t. Sliding: context = (k, v) [L, Hkv*D] of the previous window, at positions 0..L-1, this window at L..;
+    query t sees the L positions up to itself."""
     T = x.shape[0]
     H, Hkv, D = cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
-    positions = np.arange(T, dtype=np.float64)
     q_all, k_all, v_all = x @ p["wq"], x @ p["wk"], x @ p["wv"]
+    if cfg.qk_norm:
+        q_all = np.concatenate([model_norm(q_all[:, h * D:(h + 1) * D], p["q_norm"], cfg) for h in range(H)], -1)
+        k_all = np.concatenate([model_norm(k_all[:, h * D:(h + 1) * D], p["k_norm"], cfg) for h in range(Hkv)], -1)
+    kept = (k_all, v_all)
+    offset = 0
+    if context is not None:
+        offset = context[0].shape[0]
+        k_all, v_all = np.concatenate([context[0], k_all]), np.concatenate([context[1], v_all])
+    key_pos = np.arange(k_all.shape[0], dtype=np.float64)
     heads = []
     for h in range(H):
         g = h // (H // Hkv)
-        q = rope(q_all[:, h * D:(h + 1) * D], positions, cfg.rope_theta)
-        k = rope(k_all[:, g * D:(g + 1) * D], positions, cfg.rope_theta)
+        q = rope(q_all[:, h * D:(h + 1) * D], key_pos[offset:], cfg.rope_theta, cfg.rope_dim)
+        k = rope(k_all[:, g * D:(g + 1) * D], key_pos, cfg.rope_theta, cfg.rope_dim)
         v = v_all[:, g * D:(g + 1) * D]
         out = np.zeros((T, D))
         for t in range(T):
-            scores = k[:t + 1] @ q[t] / np.sqrt(D)
+            pos = offset + t
+            first = pos - cfg.window + 1 if context is not None else 0
+            seen = slice(max(first, 0), pos + 1)
+            scores = k[seen] @ q[t] / np.sqrt(D)
             weights = np.exp(scores - scores.max())
-            out[t] = (weights / weights.sum()) @ v[:t + 1]
+            out[t] = (weights / weights.sum()) @ v[seen]
+        if cfg.attn_output_gate:
+            out = out * sigmoid(x @ p["wq_gate"][:, h * D:(h + 1) * D])
         heads.append(out)
-    return np.concatenate(heads, axis=-1) @ p["wo"]
+    return np.concatenate(heads, axis=-1) @ p["wo"], kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -186,33 +222,54 @@ def gdn(p, x, S, cfg):
 # Blocks, passes, windows
 
 
-def block(kind, p, h, S, cfg):
-    """Pre-norm residual block: h += mixer(RMSNorm(h)); h += MLP(RMSNorm(h)). h [T, d]; S for GDN blocks."""
-    x = rms_norm(h, p["norm1"], cfg.norm_eps)
-    if kind == "attn":
-        h = h + attention(p, x, cfg)
-    else:
-        out, S = gdn(p, x, S, cfg)
+def run_layers(w: Weights, h, states, lo, hi, contexts=None):
+    """Layers lo..hi-1 once over one window of one sequence: pre-norm residual blocks, h += mixer(norm(h)), then
+    h += MLP(norm(h)) unless the layer is MLP-free. states: list of [Hv, Dk, Dv] per GDN layer; contexts: per
+    attention layer the previous window's (k, v) (sliding eviction) or None. Returns (h, states, {attention
+    layer index: (k, v) of this window})."""
+    cfg = w.cfg
+    states, kept, gdn_index = list(states), {}, sum(kind == "gdn" for kind in cfg.layers[:lo])
+    for i in range(lo, hi):
+        p = w.layers[i]
+        x = model_norm(h, p["norm1"], cfg)
+        if cfg.layers[i] == "attn":
+            j = w.attn_index[i]
+            out, kept[j] = attention(p, x, cfg, contexts[j] if contexts else None)
+        else:
+            out, states[gdn_index] = gdn(p, x, states[gdn_index], cfg)
+            gdn_index += 1
         h = h + out
-    h = h + swiglu_mlp(p["mlp"], rms_norm(h, p["norm2"], cfg.norm_eps))
-    return h, S
+        if i not in cfg.mlp_free_layers:
+            h = h + swiglu_mlp(p["mlp"], model_norm(h, p["norm2"], cfg))
+    return h, states, kept
+
+
+def window_passes(w: Weights, h, states, passes: int, contexts=None):
+    """A window: layers before sleep_layers once, the sleep layers ``passes`` times (pass n consumes pass n-1's
+    hidden states and continues from the S it ended with), the layers after them once. Returns (h, states)."""
+    lo, hi = w.cfg.sleep_layers or (0, len(w.cfg.layers))
+    h, states, _ = run_layers(w, h, states, 0, lo, contexts)
+    for _ in range(passes):
+        h, states, _ = run_layers(w, h, states, lo, hi, contexts)
+    h, states, _ = run_layers(w, h, states, hi, len(w.cfg.layers), contexts)
+    return h, states
+
+
+def wake_kv(w: Weights, h, states, contexts=None):
+    """Sliding eviction: the attention keys/values of the window's wake pass (the whole stack once from the fast
+    weights at the window's start), per attention layer: the next window's context."""
+    _, _, kept = run_layers(w, h, states, 0, len(w.cfg.layers), contexts)
+    return [kept[j] for j in range(len(kept))]
 
 
 def blocks_pass(w: Weights, h, states):
-    """One pass of the whole stack over one window of one sequence. states: list of [Hv, Dk, Dv] per GDN layer."""
-    states, out, i = list(states), [], 0
-    for kind, p in zip(w.cfg.layers, w.layers):
-        if kind == "gdn":
-            h, s = block(kind, p, h, states[i], w.cfg)
-            out.append(s)
-            i += 1
-        else:
-            h, _ = block(kind, p, h, None, w.cfg)
-    return h, out
+    """One pass of the whole stack over one window of one sequence (hard eviction)."""
+    h, states, _ = run_layers(w, h, states, 0, len(w.cfg.layers))
+    return h, states
 
 
 def logits_of(w: Weights, h):
-    return rms_norm(h, w.final_norm, w.cfg.norm_eps) @ w.unembed
+    return model_norm(h, w.final_norm, w.cfg) @ w.unembed
 
 
 def zero_states(w: Weights, batch_size: int):
@@ -233,23 +290,25 @@ def states_to_layers(states):
     return [np.stack([states[b][i] for b in range(len(states))]) for i in range(len(states[0]))]
 
 
-def run_window(w: Weights, tokens, states, passes: int):
-    """``passes`` passes over one window for every sequence. tokens [B, T] (T <= window). Pass n consumes pass
-    n-1's hidden states and continues from the S it ended with. Returns (logits of the last pass [B, T, V],
-    states)."""
-    logits, new_states = [], []
+def run_window(w: Weights, tokens, states, passes: int, contexts=None):
+    """``passes`` passes over one window for every sequence. tokens [B, T] (T <= window); contexts: per sequence,
+    per attention layer, the previous window's kept (k, v) (sliding eviction; None: hard eviction or no previous
+    window). Returns (logits of the last pass [B, T, V], states, this window's kept (k, v) per sequence or None)."""
+    logits, new_states, kept = [], [], []
+    sliding = w.cfg.eviction == "sliding"
     for b in range(tokens.shape[0]):
-        h, s = w.embed[tokens[b]], states[b]
-        for _ in range(passes):
-            h, s = blocks_pass(w, h, s)
+        ctx = contexts[b] if contexts else None
+        h0 = w.embed[tokens[b]]
+        h, s = window_passes(w, h0, states[b], passes, ctx)
         logits.append(logits_of(w, h))
         new_states.append(s)
-    return np.stack(logits), new_states
+        kept.append(wake_kv(w, h0, states[b], ctx) if sliding else None)
+    return np.stack(logits), new_states, (kept if sliding else None)
 
 
-def consolidate(w: Weights, states, ctx, n: int):
+def consolidate(w: Weights, states, ctx, n: int, contexts=None):
     """Sleep: n passes over ctx [B, T]; only the fast weights survive."""
-    return run_window(w, np.asarray(ctx), states, n)[1]
+    return run_window(w, np.asarray(ctx), states, n, contexts)[1]
 
 
 def algorithm1(w: Weights, tokens, loss_mask, states=None):
@@ -260,10 +319,10 @@ def algorithm1(w: Weights, tokens, loss_mask, states=None):
     B, T = tokens.shape
     L, N = w.cfg.window, w.cfg.sleep_n
     states = zero_states(w, B) if states is None else states
-    logits = []
+    logits, contexts = [], None
     for start in range(0, T, L):
         supervised = loss_mask[:, start:start + L].any()
-        out, states = run_window(w, tokens[:, start:start + L], states, 1 if supervised else N)
+        out, states, contexts = run_window(w, tokens[:, start:start + L], states, 1 if supervised else N, contexts)
         logits.append(out)
     return np.concatenate(logits, axis=1), states
 
@@ -276,13 +335,14 @@ def stream(w: Weights, tokens):
     B, T = tokens.shape
     L, N = w.cfg.window, w.cfg.sleep_n
     start_states = zero_states(w, B)
-    logits, current, sleeps = [], start_states, 0
+    logits, current, sleeps, contexts = [], start_states, 0, None
     for start in range(0, T, L):
         window = tokens[:, start:start + L]
-        out, current = run_window(w, window, start_states, 1)  # causal: the prefix outputs are the stream's
+        out, current, kept = run_window(w, window, start_states, 1, contexts)  # causal: prefix outputs = stream's
         logits.append(out)
         if window.shape[1] == L:
-            start_states = current = consolidate(w, start_states, window, N)
+            start_states = current = consolidate(w, start_states, window, N, contexts)
+            contexts = kept
             sleeps += 1
     return np.concatenate(logits, axis=1), current, sleeps
 

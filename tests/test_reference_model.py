@@ -161,3 +161,51 @@ def test_stream_matches_reference(sleep_n):
     assert_close(jnp.stack(logits, 1), ref_logits, "stream logits")
     assert_states_close(stream.fast_weights, ref_state, "stream fast weights")
     assert int(stream.sleeps) == ref_sleeps == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options beyond the defaults (sleep_layers, sliding eviction, the pretrained-checkpoint options)
+
+OPTIONS = dict(sleep_layers=(1, 3), attn_output_gate=True, qk_norm=True, rope_dim=4, norm_weight_offset=1.0,
+               mlp_free_layers=(1,), tie_embeddings=True)
+
+
+def test_pretrained_options_and_sleep_layers_match_reference():
+    """Every option at once: layers 1-2 loop during sleep (layer 0 runs once before, layer 3 once after), gated
+    attention output, q/k norm, half the head dims rotated, zero-centred norms, an MLP-free GDN layer, tied
+    embeddings."""
+    params = make_params("options", sleep_n=3, **OPTIONS)
+    B, T = 3, 22
+    tokens = jax.random.randint(case_key("options-tokens"), (B, T), 0, 13)
+    mask = masks("mixed", B, T)
+    logits, final = jax.jit(lambda p, t, m: sleepjax.forward(p, t, m, return_state=True))(params, tokens, mask)
+    ref_logits, ref_final = ref.algorithm1(ref.Weights(params), tokens, mask)
+    assert_close(logits, ref_logits, "logits")
+    assert_states_close(final, ref_final, "final state")
+
+
+@pytest.mark.parametrize("sleep_layers", [None, (0, 2)])
+def test_sliding_eviction_matches_reference(sleep_layers):
+    """Sliding eviction: every window's attention also sees the previous window's wake-pass keys/values. With
+    sleep_layers=(0, 2) an attention layer follows the sleep layers, so its kept keys/values come from a run on
+    the first pass's output. Forward (Algorithm 1, N = 2) and the stream against the reference."""
+    params = make_params(("sliding", sleep_layers), sleep_n=2, eviction="sliding", sleep_layers=sleep_layers)
+    B, T = 3, 22
+    tokens = jax.random.randint(case_key("sliding-tokens", sleep_layers), (B, T), 0, 13)
+    mask = masks("mixed", B, T)
+    w = ref.Weights(params)
+    logits, final = jax.jit(lambda p, t, m: sleepjax.forward(p, t, m, return_state=True))(params, tokens, mask)
+    ref_logits, ref_final = ref.algorithm1(w, tokens, mask)
+    assert_close(logits, ref_logits, "forward logits")
+    assert_states_close(final, ref_final, "forward state")
+    if sleep_layers is None:
+        return
+    step = jax.jit(sleepjax.stream_step)
+    stream = sleepjax.stream_init(params, B)
+    out = []
+    for t in range(15):
+        o, stream = step(params, stream, tokens[:, t])
+        out.append(o)
+    ref_logits, ref_state, _ = ref.stream(w, tokens[:, :15])
+    assert_close(jnp.stack(out, 1), ref_logits, "stream logits")
+    assert_states_close(stream.fast_weights, ref_state, "stream state")
