@@ -76,7 +76,8 @@ def test_gated_delta_rule_compiled(shape, decay, beta_range, use_delta, dtype):
 # (B, T, H, Hkv, D), sliding_window, dtype
 ATTENTION_CASES = [
     ((1, 1024, 4, 4, 128), 256, jnp.bfloat16),   # sliding window: fully masked blocks are skipped
-    ((2, 300, 4, 2, 64), None, jnp.float32),     # odd length, grouped KV heads
+    ((2, 300, 4, 2, 64), None, jnp.bfloat16),    # odd length, grouped KV heads (cuDNN too)
+    ((1, 100, 2, 1, 32), 7, jnp.float32),        # float32: Pallas (cuDNN has no float32)
 ]
 
 

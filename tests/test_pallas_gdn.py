@@ -4,7 +4,7 @@ mode against independent references.
 Forward: a float64 NumPy token loop. Gradients (q, k, v, g, beta, initial_state): autodiff of the recurrent
 backend in float64. Both kernel sets (GPU: one program per (batch, head, value tile) walking the chunks; TPU: the
 chunk axis as an "arbitrary" grid axis, run by the TPU-faithful interpreter with NaN-poisoned buffers) run
-interpreted on CPU. Shapes stay tiny so the module runs in about a minute on two cores.
+interpreted on CPU. Shapes stay tiny (interpret mode is slow).
 """
 
 import subprocess
