@@ -34,8 +34,9 @@ flags.DEFINE_enum("train_n", None, ["weighted", "uniform"], "Training distributi
 flags.DEFINE_enum("test_hops", None, ["powers", "all"], "Hops evaluated: powers of two up to K, or all of 1..K.")
 flags.DEFINE_integer("hop_stage", None, "Hop curriculum: the largest k asked in training grows by one every this "
                      "many training sequences (0 = off: k uniform in 1..K from the start).", lower_bound=0)
-flags.DEFINE_bool("distinct_questions", None, "No (query, k) pair asked twice in one example before every pair "
-                  "was asked (so no answer can be copied from an earlier identical question).")
+flags.DEFINE_enum("distinct_questions", None, ["none", "test", "all"], "No (query, k) pair asked twice in one "
+                  "example before every pair was asked (no copying an earlier identical question's answer): in no "
+                  "split, in the held-out split only, or in both.")
 
 TASK_FLAGS = ("max_nodes", "min_nodes", "max_hops", "alphabet", "questions", "context_len", "train_n", "test_hops",
               "hop_stage", "distinct_questions")

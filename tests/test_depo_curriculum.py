@@ -66,7 +66,7 @@ def test_bad_hop_stage_is_named(bad):
                                      dict(max_hops=3, min_nodes=3, train_n="uniform", questions=20)])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_distinct_questions_repeat_no_pair_before_all_were_asked(options, split):
-    task = Depo(preset="cpu", distinct_questions=True, **options)
+    task = Depo(preset="cpu", distinct_questions="all", **options)
     for index in range(12):
         ex = task.example(6, index, split)
         edges, questions = parse(task, ex.tokens)
@@ -89,7 +89,7 @@ def test_distinct_questions_repeat_no_pair_before_all_were_asked(options, split)
 
 
 def test_distinct_questions_keep_graphs_and_default():
-    plain, distinct = Depo(preset="cpu"), Depo(preset="cpu", distinct_questions=True)
+    plain, distinct = Depo(preset="cpu"), Depo(preset="cpu", distinct_questions="all")
     for index in range(4):  # same held-out graphs with and without the option
         a, b = plain.example(0, index, "test"), distinct.example(0, index, "test")
         assert np.array_equal(a.tokens[:plain.context_len], b.tokens[:plain.context_len])
@@ -100,7 +100,22 @@ def test_distinct_questions_keep_graphs_and_default():
     assert sum(repeats) >= 10
     assert all(len(set(zip(e.meta["queries"], e.meta["hops"]))) == 16
                for e in (distinct.example(1, i) for i in range(20)))
-    x, y = distinct.example(3, 7), Depo(preset="cpu", distinct_questions=True).example(3, 7)
+    x, y = distinct.example(3, 7), Depo(preset="cpu", distinct_questions="all").example(3, 7)
     assert np.array_equal(x.tokens, y.tokens)
-    with pytest.raises(ValueError, match="distinct_questions"):
-        Depo(preset="cpu", distinct_questions=1)
+    for bad in (True, "yes", 0):
+        with pytest.raises(ValueError, match="distinct_questions"):
+            Depo(preset="cpu", distinct_questions=bad)
+
+
+def test_distinct_test_only_changes_held_out_questions_only():
+    plain, both = Depo(preset="cpu", max_hops=2), Depo(preset="cpu", max_hops=2, distinct_questions="all")
+    test_only = Depo(preset="cpu", max_hops=2, distinct_questions="test")
+    for index in range(6):  # training data: exactly the default's
+        assert np.array_equal(test_only.example(0, index).tokens, plain.example(0, index).tokens)
+        # held-out data: the same as with distinct questions in both splits
+        assert np.array_equal(test_only.example(0, index, "test").tokens, both.example(0, index, "test").tokens)
+    # held out: every node asked once per k (8 nodes, 16 questions, k alternating 1, 2)
+    for index in range(6):
+        ex = test_only.example(0, index, "test")
+        pairs = set(zip(ex.meta["queries"], ex.meta["hops"]))
+        assert len(pairs) == 16

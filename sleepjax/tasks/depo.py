@@ -12,6 +12,7 @@ from sleepjax.tasks.base import Example, Task, example_rng
 TRAIN_N = ("weighted", "uniform")
 TEST_HOPS = ("powers", "all")
 SPECIALS = ("PAD", "BOS", "SEP", "ANS")
+DISTINCT = ("none", "test", "all")
 QUESTION_ONLY = ("hop_stage", "distinct_questions")  # options that change the questions, never the graphs
 
 
@@ -49,17 +50,19 @@ class Depo(Task):
     Train: n from ``train_n`` over {min_nodes..max_nodes} ("weighted": P(n=i) proportional to 1/(i + sqrt(N))),
     k ~ Uniform{1..K}, or with a hop curriculum (``hop_stage`` > 0) k ~ Uniform{1..K_i} for training example i,
     ``K_i = min(K, 1 + i // hop_stage)`` (``hop_curriculum``): the largest k grows by one every ``hop_stage``
-    examples, a pure function of the example index (so of seed and step). With ``distinct_questions`` no
-    (query, k) pair repeats within an example before every pair has been asked (train: the questions walk a
-    shuffled list of all pairs with k <= K_i; test: the questions of each k walk a shuffled list of the nodes), so
-    an answer cannot be copied from an earlier identical question of the same example. Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
+    examples, a pure function of the example index (so of seed and step). ``distinct_questions`` ("none",
+    "test": held-out examples only, "all"): no (query, k) pair repeats within an example before every pair has
+    been asked (train: the questions walk a shuffled list of all pairs with k <= K_i; test: the questions of each
+    k walk a shuffled list of the nodes), so no answer can be copied from an earlier identical question of the
+    same example. The price: the answers of one k are then distinct, which a model can exploit by elimination
+    if it is trained that way ("all"); "test" trains on independent questions and scores without copying. Test: n = N, and k cycles through ``held_out_hops(K, test_hops)`` by global question number, so every
     test k gets an equal share of a run of examples.
     """
 
     DEFAULTS: Mapping[str, Any] = dict(
         max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
         window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers", hop_stage=0,
-        distinct_questions=False)
+        distinct_questions="none")
     PRESETS: Mapping[str, Mapping[str, Any]] = {
         "paper": dict(DEFAULTS),
         # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
@@ -73,7 +76,7 @@ class Depo(Task):
                  questions: int | None = None, window: int | None = None, context_len: int | None = None,
                  sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
                  test_hops: str | None = None, hop_stage: int | None = None,
-                 distinct_questions: bool | None = None, preset: str | None = None):
+                 distinct_questions: str | None = None, preset: str | None = None):
         if preset is not None and preset not in self.PRESETS:
             raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
         given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
@@ -90,7 +93,7 @@ class Depo(Task):
         self.questions, self.window, self.context_len = options["questions"], options["window"], options["context_len"]
         self.sep, self.bos, self.train_n = bool(options["sep"]), bool(options["bos"]), options["train_n"]
         self.hop_stage = int(options["hop_stage"])
-        self.distinct_questions = bool(options["distinct_questions"])
+        self.distinct_questions = options["distinct_questions"]
 
         self.name = "depo"
         self.difficulty_name = "k"
@@ -139,7 +142,9 @@ class Depo(Task):
         need_int("questions", 1)
         need_int("window", 1)
         need_int("hop_stage", 0)
-        for key in ("sep", "bos", "distinct_questions"):
+        if o["distinct_questions"] not in DISTINCT:
+            raise ValueError(f"distinct_questions must be one of {DISTINCT}, got {o['distinct_questions']!r}")
+        for key in ("sep", "bos"):
             if not isinstance(o[key], (bool, np.bool_)):
                 raise ValueError(f"{key} must be a bool, got {o[key]!r}")
         if o["test_hops"] not in TEST_HOPS:
@@ -200,7 +205,7 @@ class Depo(Task):
                              for j in range(self.questions)], dtype=np.int32)
         else:
             n = int(rng.choice(self._node_counts, p=self.train_n_probs))
-            hops = (None if self.distinct_questions else
+            hops = (None if self.distinct_questions == "all" else
                     rng.integers(1, self.hop_curriculum(index) + 1, size=self.questions).astype(np.int32))
         # words[i] -> words[(i + 1) % n]: the cycle order is the draw order
         words = self._draw_words(rng, n)
@@ -215,7 +220,8 @@ class Depo(Task):
         loss_mask = np.zeros(self.seq_len, dtype=bool)
         item = np.full(self.seq_len, -1, dtype=np.int32)
 
-        if not self.distinct_questions:
+        distinct = self.distinct_questions == "all" or (self.distinct_questions == "test" and split == "test")
+        if not distinct:
             queries = rng.integers(0, n, size=self.questions)
         elif hops is None:
             queries, hops = self._distinct_pairs(rng, n, self.hop_curriculum(index))
