@@ -67,7 +67,7 @@ flags.DEFINE_enum("remat", None, ["none", "pass", "window", "both"], "Activation
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Activation dtype (fast weights stay float32).")
 flags.DEFINE_enum("ssm_rule", None, ["delta", "hebbian"], "Fast-weight update rule.")
 flags.DEFINE_enum("gdn_backend", None, ["auto", "xla", "recurrent", "chunked", "pallas"], "Gated delta rule backend.")
-flags.DEFINE_enum("attn_backend", None, ["auto", "xla", "pallas"], "Window attention backend.")
+flags.DEFINE_enum("attn_backend", None, ["auto", "xla", "pallas", "cudnn"], "Window attention backend.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
                   "cluster (TPU pod slices, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
