@@ -1,37 +1,20 @@
 """Training: a pure, jitted train step and a plain loop around it (checkpoints, evaluation, logs).
 
 Batches are a pure function of (seed, step), so a run killed at any moment and started again with the same
-workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run. What a
-run does when things go wrong:
-
-- SIGTERM (how pods and spot nodes announce preemption): a checkpoint at the next step boundary, logs flushed, then
-  ``Preempted`` (a SystemExit with code ``PREEMPTED_EXIT_CODE`` = 75, EX_TEMPFAIL): run the same command to resume.
-  Several processes stop at the step JAX's preemption sync point names, so all of them save the same step.
-- An unreadable newest checkpoint: one line naming the step and the reason, the checkpoint moved to
-  ``damaged_checkpoints/`` (kept), and the run resumes from the newest one that restores.
-- A larger ``steps`` than the workdir's run: the run is extended from its last checkpoint. The learning-rate
-  schedule stays the one of the run's first ``steps`` (``lr_schedule_steps`` in config.json); the added steps train
-  at its final rate. Any other changed setting is refused, naming it.
-- A non-finite loss: FloatingPointError naming the step and the last good checkpoint (or that there is none).
+workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run. Preemption
+(SIGTERM -> checkpoint, exit 75), unreadable checkpoints and extending a run (a larger ``steps``) are handled with
+``sleepjax.resume``; a non-finite loss stops the run naming the step and the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
-import gc
-import io
 import json
-import logging
 import math
 import os
-import shutil
-import signal
 import socket
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,32 +24,19 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from sleepjax import model as model_lib
 from sleepjax import optim, sharding
 from sleepjax.config import ModelConfig
 from sleepjax.evaluate import evaluate
 from sleepjax.metrics_log import MetricsLog, Throughput, Window, WindowStore, format_duration
+from sleepjax.resume import (PREEMPTED_EXIT_CODE, Preempted, PreemptionNotice,  # noqa: F401 (re-exported)
+                             UnreadableCheckpoints, check_same_run, read_run_record, resolve_run_record,
+                             restore_newest_readable, sync_processes, write_json)
 from sleepjax.tasks import Task
 
 SCHEDULES = ("cosine", "constant")
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; run the same command again to resume
 _now = time.perf_counter  # the loop's clock (a module attribute, so tests can drive it)
-
-
-class Preempted(SystemExit):
-    """Raised by ``train`` once the checkpoint at ``step`` is saved after a preemption notice. A SystemExit, so
-    uncaught it ends the process with ``PREEMPTED_EXIT_CODE`` and no traceback."""
-
-    def __init__(self, step: int, checkpoints: Path):
-        super().__init__(PREEMPTED_EXIT_CODE)
-        self.step = step
-        self.message = (f"preempted: saved the checkpoint at step {step} in {checkpoints}; exit code "
-                        f"{PREEMPTED_EXIT_CODE}: run the same command again to resume")
-
-    def __str__(self):
-        return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,194 +164,6 @@ def _run_description(task: Task, model_cfg: ModelConfig, cfg: TrainConfig) -> di
             "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mesh",)}}
 
 
-_COMPARED = ("task", "task_options", "model", "train")
-
-
-def _read_run_record(workdir: Path) -> dict | None:
-    path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _check_same_run(workdir: Path, saved: dict | None, description: dict, has_checkpoint: bool) -> None:
-    """A workdir holds one run: resuming with other settings would silently mix two experiments. Only ``steps``
-    may change, and only grow (extending the run)."""
-    if saved is None:
-        return
-    new = json.loads(json.dumps(description))
-    diff = sorted(k for k in _diff_keys({k: saved.get(k) for k in _COMPARED}, new) if k != "train.steps")
-    if diff:
-        raise ValueError(f"workdir {str(workdir)!r} holds a run with other settings ({', '.join(diff)}); use a "
-                         f"fresh --workdir or the same settings to resume (only --steps may grow, to extend it)")
-    if has_checkpoint and new["train"]["steps"] < saved["train"]["steps"]:
-        raise ValueError(f"workdir {str(workdir)!r} holds a run of {saved['train']['steps']} steps (train.steps) "
-                         f"and steps={new['train']['steps']} would shorten it; steps can only grow (to extend the "
-                         f"run) - use a fresh --workdir for a shorter run")
-
-
-def _resolve_run_record(saved: dict | None, description: dict, start: int) -> dict:
-    """config.json for this run: a fresh record when nothing was restored, else the saved one, extended when
-    ``steps`` grew (the schedule keeps the length it had: ``lr_schedule_steps``)."""
-    steps = description["train"]["steps"]
-    if saved is None or start == 0:
-        return {**description, "lr_schedule_steps": steps, "extended": []}
-    record = {**saved, **description, "lr_schedule_steps": saved.get("lr_schedule_steps", saved["train"]["steps"]),
-              "extended": list(saved.get("extended", []))}
-    if steps > saved["train"]["steps"]:
-        record["extended"].append({"from_steps": saved["train"]["steps"], "to_steps": steps, "at_step": start})
-    return record
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)  # readers never see half a file
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def _on_every_process(ok: bool) -> bool:
-    if jax.process_count() == 1:
-        return ok
-    return bool(multihost_utils.process_allgather(jnp.asarray(ok, jnp.int32)).all())
-
-
-@contextlib.contextmanager
-def _muted_stderr(settle_s: float = 0.5, max_wait_s: float = 5.0):
-    """Mutes stderr, unraisable exceptions and asyncio's log. A failed orbax restore leaves TensorStore reads in
-    flight that report, one traceback each, into an event loop orbax has closed; on leaving, waits until none has
-    reported for ``settle_s`` (at most ``max_wait_s``) so that they land here, not on the user's terminal."""
-    last = [time.monotonic()]
-
-    class Sink(io.StringIO):
-        def write(self, text):
-            last[0] = time.monotonic()
-            return len(text)
-
-    def swallow(unraisable):
-        last[0] = time.monotonic()
-
-    stderr, hook, asyncio_level = sys.stderr, sys.unraisablehook, logging.getLogger("asyncio").level
-    sys.stderr, sys.unraisablehook = Sink(), swallow
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + max_wait_s
-        gc.collect()  # "Future exception was never retrieved" is logged when orbax's futures are collected
-        while time.monotonic() - last[0] < settle_s and time.monotonic() < deadline:
-            time.sleep(0.05)
-        gc.collect()
-        sys.stderr, sys.unraisablehook = stderr, hook
-        logging.getLogger("asyncio").setLevel(asyncio_level)
-
-
-class UnreadableCheckpoints(RuntimeError):
-    """No checkpoint of the workdir restores (each one's step and reason are in the message); none was moved."""
-
-
-def _root_cause(error: BaseException | None) -> str:
-    if error is None:
-        return "it failed to restore on another process"
-    while error.__cause__ is not None:  # explicit chaining only: the implicit context is often an internal detail
-        error = error.__cause__
-    text = f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _restore_newest_readable(open_manager, target, workdir: Path, say):
-    """(manager, state, step) with the newest checkpoint that restores, or (manager, None, 0) if there is none.
-
-    Each unreadable newer checkpoint gets one line naming its step and the reason and is moved to
-    ``workdir/damaged_checkpoints/`` (kept for inspection; left in place it would stop every later resume). If
-    checkpoints exist and none restores, nothing is moved and ``UnreadableCheckpoints`` is raised: that is more
-    likely a broken filesystem or install than damage to every checkpoint.
-    """
-    manager, failures = open_manager(), []
-    with contextlib.ExitStack() as quiet:
-        for step in sorted(manager.all_steps(), reverse=True):
-            state, error = None, None
-            try:
-                state = manager.restore(step, args=ocp.args.StandardRestore(target))
-            except Exception as e:  # orbax / TensorStore raise Exception, ValueError, OSError, ... by the damage
-                error = e
-            if _on_every_process(error is None):
-                break
-            if not failures:  # the failed restore's other reads still finish, each printing a traceback: mute them
-                quiet.enter_context(_muted_stderr())
-            failures.append((step, _root_cause(error)))
-            manager.close()  # a failed restore can leave the manager unable to restore the next one: start afresh
-            manager = open_manager()
-        else:
-            step = None
-    if step is None:
-        if failures:
-            manager.close()
-            raise UnreadableCheckpoints(f"no checkpoint in {workdir / 'checkpoints'} restores: " + "; ".join(
-                f"step {s}: {reason}" for s, reason in failures) + ". Repair them, or move checkpoints/ away to "
-                "train from step 0")
-        return manager, None, 0
-    if failures:
-        for bad, reason in failures:
-            if jax.process_index() == 0:
-                dest = workdir / "damaged_checkpoints" / str(bad)
-                for i in range(2, 1000):
-                    if not dest.exists():
-                        break
-                    dest = dest.with_name(f"{bad}.{i}")
-                dest.parent.mkdir(exist_ok=True)
-                shutil.move(str(workdir / "checkpoints" / str(bad)), str(dest))
-                say(f"checkpoint at step {bad} is unreadable ({reason}); moved it to {dest}; resuming from step "
-                    f"{step}")
-        _sync("sleepjax_moved_damaged_checkpoints")
-        manager.close()
-        manager = open_manager()
-    return manager, state, step
-
-
-class PreemptionNotice:
-    """Has a preemption notice (SIGTERM) come? One process: a signal handler sets a flag, read at step boundaries.
-    Several processes: JAX's preemption sync manager catches SIGTERM on any of them and names one step at which
-    ``reached`` is True on every process (``multihost_utils.reached_preemption_sync_point``); it must be asked at
-    every step by all of them."""
-
-    def __init__(self):
-        self.multi = jax.process_count() > 1
-        self.received = False
-        self._previous = None
-        if not self.multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def reached(self, step: int) -> bool:
-        if self.multi is None:
-            return False
-        if not self.multi:
-            return self.received
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError as e:  # jax_enable_preemption_service is off: SIGTERM keeps its default (exit)
-            print(f"warning: {e}; SIGTERM will stop the run without a checkpoint", flush=True)
-            self.multi = None
-            return False
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _diff_keys(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in set(a) | set(b):
-            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield prefix.rstrip(".")
-
-
 class Prefetcher:
     """Builds batch ``step + 1`` on a thread while step ``step`` trains. Batches stay a function of the step."""
 
@@ -421,22 +203,22 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     lead = jax.process_index() == 0  # the one writer of shared files; every process reads config.json first
     say = (lambda text: print(text, flush=True)) if lead else (lambda text: None)
     description = _run_description(task, model_cfg, cfg)
-    saved = _read_run_record(workdir)
+    saved = read_run_record(workdir)
     open_manager = lambda: ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
     with open_manager() as probe:
-        _check_same_run(workdir, saved, description, has_checkpoint=probe.latest_step() is not None)
-    _sync("sleepjax_read_config")  # process 0 rewrites config.json below
+        check_same_run(workdir, saved, description, has_checkpoint=probe.latest_step() is not None)
+    sync_processes("sleepjax_read_config")  # process 0 rewrites config.json below
 
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, make_optimizer(cfg)))  # any schedule: same tree
     state_sharding = train_state_shardings(abstract, model_cfg, mesh)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, state_sharding)
-    manager, state, start = _restore_newest_readable(open_manager, target, workdir, say)
-    record = _resolve_run_record(saved, description, start)
+    manager, state, start = restore_newest_readable(open_manager, target, workdir, say)
+    record = resolve_run_record(saved, description, start)
     if lead and record != saved:
-        _write_json(workdir / "config.json", record)
+        write_json(workdir / "config.json", record)
     schedule_steps = record["lr_schedule_steps"]
     step_fn = _jitted_step(model_cfg, tuple((k, getattr(cfg, k)) for k in _OPTIMIZER_FIELDS), schedule_steps, mesh)
     if state is None:
@@ -545,7 +327,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         "lr_schedule_steps": schedule_steps, "extended": record["extended"],
     }
     if lead:
-        _write_json(workdir / "results.json", results)
+        write_json(workdir / "results.json", results)
     return results
 
 
@@ -562,9 +344,12 @@ def load_run(workdir: str | os.PathLike, step: int | None = None):
 
 
 def load_params(workdir: str | os.PathLike, model_cfg: ModelConfig, cfg: TrainConfig, step: int | None = None):
-    """The parameters of a run's checkpoint (latest by default)."""
+    """The parameters of a run's checkpoint (latest by default), replicated on this process's devices (whatever
+    mesh or number of processes wrote it)."""
     tx = make_optimizer(cfg)
-    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
+    replicated = sharding.replicated(sharding.make_mesh(""))
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                      jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx)))
     with ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints") as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -78,6 +78,7 @@ def damage_checkpoint(workdir, step: int, how: str = "data") -> None:
 @pytest.fixture(scope="session")
 def launcher_env(tmp_path_factory):
     """Environment for launcher subprocesses: one XLA thread each, and a compilation cache shared by the tests'
-    launcher runs (the same model compiled once instead of once per process)."""
-    return {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+    launcher runs (the same model compiled once instead of once per process; JAX_COMPILATION_CACHE_DIR, if set,
+    names a cache kept between sessions)."""
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
+    return {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_COMPILATION_CACHE_DIR": cache}

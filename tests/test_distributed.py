@@ -1,9 +1,11 @@
 """Scale-out on one CPU machine: meshes of 8 simulated devices (data / fsdp / tensor) train like one device, a
 checkpoint written on one mesh restores on another, and two real processes (jax.distributed over localhost)
-train, are killed, and resume."""
+train, are killed or preempted (SIGTERM), and resume to the bit."""
 
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -12,8 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from conftest import finished_checkpoints
+from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, without_timing
 from sleepjax.metrics_log import read_metrics
 from test_train import MICRO
 
@@ -75,40 +78,80 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch_two(workdir, steps, port):
+def _launch_two(workdir, steps, port, env):
     flags = ["--width=6", "--strings=2", "--t=1", f"--steps={steps}", "--batch_size=16", "--eval_size=16",
              "--eval_every=100000", "--checkpoint_every=4", "--log_every=1", "--sleep_n=2", "--warmup_steps=2",
              f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     flags += [f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
     return [subprocess.Popen([sys.executable, "-m", "experiments.rule110", *flags, f"--process_id={i}"], cwd=REPO,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
-def test_two_processes_train_die_and_resume(tmp_path):
-    steps = 40
-    workdir = tmp_path / "run"
-    procs = _launch_two(workdir, steps, _free_port())
-    deadline = time.time() + 300
-    while time.time() < deadline:  # process 1 "dies" once a checkpoint exists and training has moved past it
-        rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] > max(finished_checkpoints(workdir), default=rows[-1]["step"]):
-            break
+TWO_STEPS = 40
+
+
+def _finish_two(procs, timeout=300):
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def clean_two(tmp_path_factory, launcher_env):
+    """Two processes, never interrupted: the reference of the kill and preemption tests."""
+    workdir = tmp_path_factory.mktemp("clean_two")
+    _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))
+    return dict(params=checkpoint_params(workdir), rows=read_metrics(workdir / "metrics.jsonl"))
+
+
+def _wait_for_step(procs, workdir, step, past_a_checkpoint=False, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = read_metrics(workdir / "metrics.jsonl")
+        last = rows[-1]["step"] if rows else 0
+        if last >= step and (not past_a_checkpoint or last > max(finished_checkpoints(workdir), default=1e9)):
+            return
         assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
         time.sleep(0.05)
+    raise AssertionError(f"the run did not reach step {step} in {timeout} s")
+
+
+def test_two_processes_train_die_and_resume(tmp_path, launcher_env, clean_two):
+    workdir = tmp_path / "run"
+    procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
+    _wait_for_step(procs, workdir, 1, past_a_checkpoint=True)  # process 1 "dies" once training is past a checkpoint
     os.kill(procs[1].pid, signal.SIGKILL)
     os.kill(procs[0].pid, signal.SIGKILL)  # what a job scheduler does with the rest of a broken job
     for p in procs:
         p.wait()
     assert finished_checkpoints(workdir), "no checkpoint had finished before the kill"
-    assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] < steps
+    assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] < TWO_STEPS
 
-    procs = _launch_two(workdir, steps, _free_port())  # the same command again
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    outputs = _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))  # the same command again
     assert "resumed from the checkpoint at step" in outputs[0]
     results = json.loads((workdir / "results.json").read_text())
-    assert results["steps"] == steps and results["devices"] == 2
-    rows = [r["step"] for r in read_metrics(workdir / "metrics.jsonl") if r["kind"] == "train"]
-    assert rows == list(range(1, steps + 1))
+    assert results["steps"] == TWO_STEPS and results["devices"] == 2
+    assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(clean_two["rows"])
+    assert_bitwise_equal(checkpoint_params(workdir), clean_two["params"])
     assert not any(line.startswith("step ") for line in outputs[1].splitlines()), "only process 0 logs"
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_path, launcher_env, clean_two):
+    """The preemption notice reaches one host; JAX's preemption sync point stops every process at the same step,
+    all of them save it and exit 75, and the relaunched job is the uninterrupted one."""
+    workdir = tmp_path / "run"
+    procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
+    signalled = random.randrange(2, TWO_STEPS - 10)
+    _wait_for_step(procs, workdir, signalled)
+    os.kill(procs[1].pid, signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], \
+        f"SIGTERM near step {signalled}\n" + outputs[0][-3000:] + outputs[1][-3000:]
+    saved = int(re.search(r"preempted: saved the checkpoint at step (\d+)", outputs[0]).group(1))
+    assert saved >= signalled and saved in finished_checkpoints(workdir), (signalled, saved)
+    assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] == saved
+
+    outputs = _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))
+    assert f"resumed from the checkpoint at step {saved}" in outputs[0]
+    assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(clean_two["rows"])
+    assert_bitwise_equal(checkpoint_params(workdir), clean_two["params"], f"SIGTERM near step {signalled}")
