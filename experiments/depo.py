@@ -10,12 +10,22 @@ from experiments import common
 
 PRESETS = {
     "tiny": common.Preset(
+        # One GDN layer: a wake pass reads the fast weights once, so a 2-hop answer needs an association that
+        # composes two edges. Sleep can write one (pass n's write carries what pass n-1's read returned); a single
+        # pass can only partly (the delta rule's erase term reads before it writes: docs/depo_search.md).
+        # k in 1..2; held-out questions never repeat a (query, k) pair, so no answer is copied from an earlier
+        # question. Batch 16 and 4,400 steps: chosen by the screens in docs/depo_search.md.
+        model="tiny", model_overrides=dict(layers=("attn", "gdn")),
+        task=dict(preset="cpu", max_hops=2, distinct_questions="test"),
+        train=dict(steps=4400, batch_size=16, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=400,
+                   eval_size=512, eval_batch_size=256, checkpoint_every=1100),
+        description="CPU scale: 8 one-token nodes in one 24-token window, k in 1..2, layers attn-gdn, d=64"),
+    "tiny_k4": common.Preset(
+        # The previous main job (docs/depo_previous_results.md, docs/depo_long_results.md).
         model="tiny", task=dict(preset="cpu"),
-        # Batch 32 learns k = 2 in fewer sequences than 64 (measured: N = 4 reached 0.89 on k = 2 at 70k
-        # sequences with batch 32, 0.18 with batch 64) at the same cost per sequence.
         train=dict(steps=2200, batch_size=32, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100, eval_every=200,
                    eval_size=512, eval_batch_size=256, checkpoint_every=500),
-        description="CPU scale: 8 one-token nodes in one 24-token window, k in 1..4, d=64"),
+        description="previous CPU main job: 8 one-token nodes, k in 1..4, layers attn-gdn-attn-gdn, d=64"),
     "paper": common.Preset(
         model="depo_paper", task=dict(preset="paper"),
         train=dict(steps=50_000, batch_size=128, muon_lr=2e-3, adam_lr=5e-5, warmup_steps=1000, eval_every=1000,
