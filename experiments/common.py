@@ -85,11 +85,24 @@ flags.DEFINE_enum("baseline", "none", ["none", "transformer", "no_eviction"], "T
                   "(what --baselines runs): transformer or no_eviction.")
 flags.DEFINE_integer("compute_match_n", None, "Train N = 1 for as many layer passes (FLOPs) as N = this would "
                      "take in --steps (more steps; what --baselines=compute_matched runs).", lower_bound=2)
+flags.DEFINE_string("init_from", None, "Fine-tune a pretrained model: a local Hugging Face checkpoint directory "
+                    "(Qwen3.5, Qwen3; see sleepjax/pretrained.py). The model is the checkpoint's (the preset's model "
+                    "is ignored); window, N, eviction, sleep_layers, dtype and remat still apply. Text tasks use its "
+                    "tokenizer.json.")
+flags.DEFINE_integer("insert_gdn", None, "With --init_from: insert this many fresh GDN layers without an MLP, "
+                     "evenly spaced (output projections start at zero: the model starts as the original).",
+                     lower_bound=0)
+flags.DEFINE_enum("freeze", None, ["none", "pretrained"], "pretrained: train only the inserted GDN layers (for "
+                  "--freeze_steps steps, 0 = the whole run); everything loaded from --init_from stays put.")
+flags.DEFINE_integer("freeze_steps", None, "Steps --freeze lasts (0: the whole run).", lower_bound=0)
+flags.DEFINE_integer("warmup_eviction_steps", None, "With --eviction=sliding: train with hard eviction for this "
+                     "many steps first (the paper calls that warm-up crucial for N > 1).", lower_bound=0)
 flags.DEFINE_list("eval_sleep_n", None, "After training, evaluate every run's final checkpoint at each of these N "
                   "(e.g. 1,2,4,8), whatever N it was trained with: a table of accuracy per difficulty x N.")
 
 _TRAIN_FLAGS = ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "log_every", "optimizer",
-                "muon_lr", "adam_lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "mesh", "seed")
+                "muon_lr", "adam_lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "mesh", "seed",
+                "init_from", "insert_gdn", "freeze", "freeze_steps", "warmup_eviction_steps")
 _MODEL_FLAGS = ("remat", "dtype", "ssm_rule", "gdn_backend", "attn_backend", "sleep_n", "eviction")
 
 
@@ -191,16 +204,24 @@ def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...
 
     preset = presets[FLAGS.config]
     task_options = {**preset.task, **{k: getattr(FLAGS, k) for k in task_flags if getattr(FLAGS, k) is not None}}
+    if FLAGS.init_from and "tokenizer" in task_flags and FLAGS.tokenizer is None:
+        task_options["tokenizer"] = FLAGS.init_from  # a text task speaks the pretrained model's tokens
     task = tasks.get(task_name, **task_options)
     train_fields = {**preset.train, **{k: getattr(FLAGS, k) for k in _TRAIN_FLAGS
                                        if getattr(FLAGS, k) is not None and FLAGS[k].present}}
     train_fields["seed"] = run.seed
     model_fields = {k: getattr(FLAGS, k) for k in _MODEL_FLAGS if getattr(FLAGS, k) is not None}
     model_fields["sleep_n"] = run.sleep_n
-    model_cfg = ModelConfig.preset(preset.model, **{**preset.model_overrides, "vocab_size": task.vocab_size,
-                                                    "window": task.window, **model_fields,
-                                                    **_parse_sleep_layers(FLAGS.sleep_layers),
-                                                    **_parse_model_set(FLAGS.model_set)})
+    overrides = {"window": task.window, **model_fields, **_parse_sleep_layers(FLAGS.sleep_layers),
+                 **_parse_model_set(FLAGS.model_set)}
+    if FLAGS.init_from:
+        from sleepjax import pretrained
+
+        policy = {k: v for k, v in preset.model_overrides.items() if k in ("eviction", "sleep_layers", "remat")}
+        model_cfg = pretrained.load_config(FLAGS.init_from, insert_gdn=FLAGS.insert_gdn or 0, **policy, **overrides)
+    else:
+        model_cfg = ModelConfig.preset(preset.model, **{**preset.model_overrides, "vocab_size": task.vocab_size,
+                                                        **overrides})
     if run.baseline != "none":  # one window holds the whole sequence: nothing is ever evicted or slept over
         model_cfg = model_cfg.replace(window=task.seq_len, sleep_n=1, sleep_layers=None)
         if run.baseline == "transformer":

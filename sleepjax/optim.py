@@ -30,7 +30,8 @@ def schedule(peak: float, total_steps: int, warmup_steps: int, kind: str, final_
     if kind == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, max(warmup_steps, 1)), optax.constant_schedule(peak)], [warmup_steps])
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+    warmup_steps = max(warmup_steps, 1)  # optax needs a warmup step and at least one decay step after it
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
                                               end_value=final_fraction * peak)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
+from sleepjax import finetune
 from sleepjax import model as model_lib
 from sleepjax import optim, sharding
 from sleepjax.config import ModelConfig
@@ -62,6 +63,15 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     mesh: str = ""
+    # Fine-tuning (sleepjax/finetune.py): start from a pretrained checkpoint directory, with insert_gdn fresh GDN
+    # layers; freeze="pretrained" trains only those layers for freeze_steps steps (0: the whole run).
+    init_from: str = ""
+    insert_gdn: int = 0
+    freeze: str = "none"
+    freeze_steps: int = 0
+    # A sliding-eviction model trains with hard eviction for its first warmup_eviction_steps steps (the paper's
+    # warm-up, which it calls crucial for N > 1).
+    warmup_eviction_steps: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
@@ -82,6 +92,16 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ValueError(f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}")
+        for name in ("insert_gdn", "freeze_steps", "warmup_eviction_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.freeze not in finetune.FREEZE:
+            raise ValueError(f"freeze must be one of {finetune.FREEZE}, got {self.freeze!r}")
+        if self.freeze != "none" and not self.insert_gdn:
+            raise ValueError("freeze='pretrained' needs insert_gdn > 0: it trains only the inserted layers")
+        if self.insert_gdn and not self.init_from:
+            raise ValueError("insert_gdn needs init_from (the pretrained checkpoint to insert layers into)")
 
 
 @flax.struct.dataclass
@@ -108,8 +128,9 @@ def learning_rates(cfg: TrainConfig, schedule_steps: int):
     return lambda step: {k: float(fn(step - 1)) for k, fn in fns.items()}
 
 
-def init_train_state(model_cfg: ModelConfig, cfg: TrainConfig, tx) -> TrainState:
-    params = model_lib.init(model_cfg, jax.random.PRNGKey(cfg.seed))
+def init_train_state(model_cfg: ModelConfig, cfg: TrainConfig, tx, params=None) -> TrainState:
+    """Step 0: fresh parameters from ``cfg.seed``, or ``params`` (e.g. a pretrained checkpoint's)."""
+    params = model_lib.init(model_cfg, jax.random.PRNGKey(cfg.seed)) if params is None else params
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -119,12 +140,24 @@ def train_state_shardings(abstract_state, model_cfg: ModelConfig, mesh):
     return sharding.tree_shardings(abstract_state, mesh, lambda path: model_lib.logical_axes_at(path, model_cfg))
 
 
-def train_step(state: TrainState, batch: dict, *, tx) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` (tokens, loss_mask). Pure: returns the new state and metrics."""
+def train_step(state: TrainState, batch: dict, *, tx, frozen=None, freeze_steps: int = 0,
+               hard_eviction: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` (tokens, loss_mask). Pure: returns the new state and metrics.
+
+    frozen: a pytree of bools like the params (``finetune.frozen_mask``): those parameters stay put while
+    ``state.step < freeze_steps`` (0: always). hard_eviction: compute the loss with hard eviction whatever the
+    model's policy (the warm-up of a sliding-eviction model)."""
+    params = state.params
+    loss_params = params.replace(config=params.config.replace(eviction="hard")) if hard_eviction else params
     (_, metrics), grads = jax.value_and_grad(model_lib.loss, has_aux=True)(
-        state.params, batch["tokens"], batch["loss_mask"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        loss_params, batch["tokens"], batch["loss_mask"])
+    grads = grads.replace(config=params.config)
+    if frozen is not None:
+        grads = finetune.hold_frozen(grads, frozen, state.step, freeze_steps)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    if frozen is not None:
+        updates = finetune.hold_frozen(updates, frozen, state.step, freeze_steps)
+    params = optax.apply_updates(params, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -133,16 +166,48 @@ _OPTIMIZER_FIELDS = ("optimizer", "muon_lr", "adam_lr", "weight_decay", "warmup_
                      "final_lr_fraction", "grad_clip")
 
 
+_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "freeze", "freeze_steps")
+
+
 @functools.lru_cache(maxsize=4)
-def _jitted_step(model_cfg: ModelConfig, optimizer_settings: tuple, schedule_steps: int, mesh):
+def _jitted_step(model_cfg: ModelConfig, step_settings: tuple, schedule_steps: int, mesh, hard_eviction: bool):
     """The jitted train step, shared by the ``train`` calls of one process that train the same model with the
     same optimizer on the same mesh (a sweep over seeds, a run resumed in the same process): compiled once."""
-    cfg = TrainConfig(**dict(optimizer_settings))  # only the optimizer's fields are read
+    cfg = TrainConfig(**dict(step_settings))  # only the optimizer's and the freezing fields are read
     tx = make_optimizer(cfg, schedule_steps)
-    state_sharding = train_state_shardings(jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx)),
-                                           model_cfg, mesh)
-    return jax.jit(functools.partial(train_step, tx=tx), in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+    abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
+    state_sharding = train_state_shardings(abstract, model_cfg, mesh)
+    frozen = (finetune.frozen_mask(abstract.params, cfg.freeze, finetune.inserted_layers(model_cfg, cfg.insert_gdn))
+              if cfg.freeze != "none" else None)
+    step = functools.partial(train_step, tx=tx, frozen=frozen, freeze_steps=cfg.freeze_steps,
+                             hard_eviction=hard_eviction)
+    return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _with_defaults(saved: dict | None) -> dict | None:
+    """A config.json written before a ModelConfig/TrainConfig field existed: that field at its default (what the
+    run used), so such runs still resume."""
+    if saved is None:
+        return None
+    model = json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
+    train = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(TrainConfig()))).items() if k != "mesh"}
+    return {**saved, "model": {**model, **saved.get("model", {})}, "train": {**train, **saved.get("train", {})}}
+
+
+def memory_summary(step_fn, state, batch_abstract, mesh, model_cfg: ModelConfig, cfg: TrainConfig) -> str:
+    """One line: parameter count and XLA's estimate of one train step's memory per device (arguments: parameters,
+    optimizer state and the batch shard; temporaries: activations kept for the backward and workspace)."""
+    with jax.set_mesh(mesh):
+        analysis = step_fn.lower(state, batch_abstract).compile().memory_analysis()
+    count = model_lib.num_params(state.params)
+    size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+    head = f"model: {size} parameters; N = {model_cfg.sleep_n}, batch {cfg.batch_size}, mesh {dict(mesh.shape)}"
+    if analysis is None:
+        return head + "; this backend gives no memory estimate"
+    gb = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
+    return (f"{head}; train step per device: {gb(analysis.argument_size_in_bytes)} parameters + optimizer state "
+            f"+ batch, {gb(analysis.temp_size_in_bytes)} temporaries (remat={model_cfg.remat})")
 
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
@@ -190,8 +255,9 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     returns the results dict. Raises FloatingPointError (naming the step) if the loss stops being finite, and
     ``Preempted`` (exit code 75) after saving a checkpoint when SIGTERM arrives.
     """
-    if model_cfg.vocab_size != task.vocab_size:
-        raise ValueError(f"model vocab_size ({model_cfg.vocab_size}) must equal the task's ({task.vocab_size})")
+    if task.vocab_size > model_cfg.vocab_size or (task.vocab_size < model_cfg.vocab_size and not cfg.init_from):
+        raise ValueError(f"model vocab_size ({model_cfg.vocab_size}) must equal the task's ({task.vocab_size}); a "
+                         f"pretrained model (init_from) may have more")
     workdir = check_workdir(workdir)
     mesh = sharding.make_mesh(cfg.mesh)
     shards = sharding.batch_size_per_shard(mesh)
@@ -203,7 +269,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     lead = jax.process_index() == 0  # the one writer of shared files; every process reads config.json first
     say = (lambda text: print(text, flush=True)) if lead else (lambda text: None)
     description = _run_description(task, model_cfg, cfg)
-    saved = read_run_record(workdir)
+    saved = _with_defaults(read_run_record(workdir))
     open_manager = lambda: ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True))
@@ -220,13 +286,24 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     if lead and record != saved:
         write_json(workdir / "config.json", record)
     schedule_steps = record["lr_schedule_steps"]
-    step_fn = _jitted_step(model_cfg, tuple((k, getattr(cfg, k)) for k in _OPTIMIZER_FIELDS), schedule_steps, mesh)
-    if state is None:
+    step_settings = tuple((k, getattr(cfg, k)) for k in _STEP_FIELDS)
+    step_fn = _jitted_step(model_cfg, step_settings, schedule_steps, mesh, False)
+    warmup_fn = (_jitted_step(model_cfg, step_settings, schedule_steps, mesh, True)
+                 if model_cfg.eviction == "sliding" and cfg.warmup_eviction_steps else step_fn)
+    if state is None and cfg.init_from:
+        pretrained = finetune.pretrained_params(cfg.init_from, model_cfg, cfg.insert_gdn, cfg.seed)
+        state = jax.jit(lambda p: init_train_state(model_cfg, cfg, make_optimizer(cfg, schedule_steps), p),
+                        out_shardings=state_sharding)(pretrained)
+        del pretrained
+    elif state is None:
         # jit with out_shardings: every device initialises only its shard (same values on any mesh).
         state = jax.jit(lambda: init_train_state(model_cfg, cfg, make_optimizer(cfg, schedule_steps)),
                         out_shardings=state_sharding)()
     batch_sharding = sharding.batch_sharding(mesh)
     rows = sharding.local_rows(batch_sharding, (cfg.batch_size,))
+    batch_abstract = {name: jax.ShapeDtypeStruct((cfg.batch_size, task.seq_len), dtype, sharding=batch_sharding)
+                      for name, dtype in (("tokens", jnp.int32), ("loss_mask", jnp.bool_))}
+    say(memory_summary(step_fn, state, batch_abstract, mesh, model_cfg, cfg))
 
     # A resumed run scores its first step again when that is an evaluation step (a preempted run skips the
     # evaluation it was due, so its grace period goes to the checkpoint); the log keeps one row per evaluation.
@@ -276,7 +353,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
             batch = sharding.global_batch(batch_sharding, {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]},
                                           cfg.batch_size)
             with jax.set_mesh(mesh):  # the model reads the mesh to run its kernels under shard_map
-                state, metrics = step_fn(state, batch)
+                state, metrics = (warmup_fn if step < cfg.warmup_eviction_steps else step_fn)(state, batch)
             loss = float(metrics["loss"])  # one host sync per step: a non-finite loss stops the run right here
             if step > start:  # the first step of a process includes compilation
                 rate.add(_now() - t0)
