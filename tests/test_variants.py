@@ -77,3 +77,21 @@ def test_eval_at_other_n(sweep):
     assert all("exact/k=1" in m for m in result["by_n"].values())
     assert "| N = 2 | 0 | 3 |" in (sweep / "results.md").read_text()
     assert not (sweep / "transformer_seed0" / "eval_sleep_n.json").exists()
+
+
+def test_gsm_launcher_fine_tunes_a_pretrained_hybrid(tmp_path):
+    """--init_from a tiny Qwen3.5 checkpoint: the launcher tokenizes GSM-Infinite with the checkpoint's tokenizer,
+    sleeps with N = 2 over the middle layers, prints the model size and memory estimate, and trains."""
+    fixture = REPO / "tests" / "fixtures" / "qwen3_5_text"
+    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "experiments.gsm_infinite", f"--init_from={fixture}", "--sleep_n=2",
+                          "--sleep_layers=1:3", "--op_max=2", "--context_len=512", "--window=128", "--layout=stream",
+                          "--steps=2", "--batch_size=2", "--eval_size=2", "--eval_every=2", "--checkpoint_every=2",
+                          "--log_every=1", "--warmup_steps=1", f"--workdir={tmp_path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "model: " in out.stdout and "temporaries" in out.stdout
+    config = _config(tmp_path)
+    assert config["task_options"]["tokenizer"] == str(fixture) and config["model"]["vocab_size"] == 128
+    assert config["model"]["sleep_layers"] == [1, 3] and config["model"]["attn_output_gate"]
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
