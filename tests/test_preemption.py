@@ -96,11 +96,18 @@ def test_final_step_is_checkpointed_and_restarting_a_finished_run_trains_nothing
     log_before = (workdir / "metrics.jsonl").read_text()
     steps_run, jitted_step = [], sleepjax.train._jitted_step
 
-    def counting(*args):
-        step_fn = jitted_step(*args)
-        return lambda *a: steps_run.append(1) or step_fn(*a)
+    class Counting:  # the jitted step, counting its calls (attributes such as .lower pass through)
+        def __init__(self, step_fn):
+            self.step_fn = step_fn
 
-    monkeypatch.setattr(sleepjax.train, "_jitted_step", counting)
+        def __call__(self, *args):
+            steps_run.append(1)
+            return self.step_fn(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.step_fn, name)
+
+    monkeypatch.setattr(sleepjax.train, "_jitted_step", lambda *args: Counting(jitted_step(*args)))
     task, model_cfg, cfg = reference["setup"]
     results = train(task, model_cfg, cfg, workdir)
     assert not steps_run, "a finished run must not train"
