@@ -1,12 +1,11 @@
 """Every launcher end to end for a few steps: ``experiments.rule110`` and ``experiments.gsm_infinite`` as single runs,
 ``experiments.depo`` as a 2-N sweep with ``--parallel=2`` (the README's main-job command) writing results.md and
 accuracy.png. A micro model (d = 16, one attention and one GDN layer, set by repeated --model_set flags) and tiny
-batches; the three commands start together (four trainings, ~20 s of CPU each, mostly
-XLA compilation) and the tests then read their outputs.
+batches; the three commands start together (four trainings, ~20 s of CPU each, mostly XLA compilation, cached in
+conftest's shared compilation cache) and the tests then read their outputs.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -34,10 +33,10 @@ TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, launcher_env):
     """Starts the three launchers at once and waits for all of them: {name: (returncode, output, workdir)}."""
     root = tmp_path_factory.mktemp("launchers")
-    env = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+    env = {**launcher_env, "JAX_PLATFORMS": "cpu"}
     procs = {}
     for name, (module, *args) in COMMANDS.items():
         log = (root / f"{name}.log").open("w")
