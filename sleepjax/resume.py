@@ -103,14 +103,24 @@ def _on_every_process(ok: bool) -> bool:
 class _RestoreAftermath:
     """A failed orbax restore leaves TensorStore reads in flight; as each completes it reports into the event loop
     orbax has already closed, and Python prints a traceback ("Event loop is closed") per read, hundreds for one
-    damaged checkpoint. This drops exactly those (and asyncio's "Future exception was never retrieved" for the
-    same reads), passing everything else on; ``settle`` waits until they have stopped arriving."""
+    damaged checkpoint. Once installed (for the rest of the process: stragglers can come late), this drops exactly
+    those, and asyncio's "Future exception was never retrieved" for the same reads, passing everything else on;
+    ``settle`` waits until they have stopped arriving."""
+
+    _installed: "_RestoreAftermath | None" = None
+
+    @classmethod
+    def install(cls) -> "_RestoreAftermath":
+        self = cls._installed = cls._installed or cls()
+        if sys.unraisablehook != self._hook:  # first time, or someone (pytest) swapped hooks since
+            self._previous, sys.unraisablehook = sys.unraisablehook, self._hook
+        logging.getLogger("asyncio").addFilter(self._filter)  # a no-op if already there
+        self.last = time.monotonic()
+        return self
 
     def __init__(self):
         self.last = time.monotonic()
         self._previous = sys.unraisablehook
-        sys.unraisablehook = self._hook
-        logging.getLogger("asyncio").addFilter(self._filter)
 
     def _hook(self, unraisable):
         if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
@@ -129,11 +139,6 @@ class _RestoreAftermath:
         while time.monotonic() - self.last < quiet_s and time.monotonic() < deadline:
             time.sleep(0.05)
             gc.collect()  # collecting orbax's failed futures is what logs "never retrieved"
-
-    def close(self):
-        if sys.unraisablehook == self._hook:
-            sys.unraisablehook = self._previous
-        logging.getLogger("asyncio").removeFilter(self._filter)
 
 
 class UnreadableCheckpoints(RuntimeError):
@@ -167,7 +172,7 @@ def restore_newest_readable(open_manager, target, workdir: Path, say):
                 error = e
             if _on_every_process(error is None):
                 break
-            aftermath = aftermath or _RestoreAftermath()
+            aftermath = _RestoreAftermath.install()
             failures.append((step, _root_cause(error)))
             manager.close()  # a failed restore can leave the manager unable to restore the next one: start afresh
             manager = open_manager()
@@ -176,7 +181,6 @@ def restore_newest_readable(open_manager, target, workdir: Path, say):
     finally:
         if aftermath:
             aftermath.settle()
-            aftermath.close()
     if step is None:
         if failures:
             manager.close()
