@@ -290,19 +290,20 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, va
     run = functools.partial(_layers_pass, params, valid=valid, context=context)
     h, state, window_kv = run(h, state, window_kv, 0, lo)
 
-    def one_pass(h, state, window_kv, first):
-        return run(h, state, window_kv, lo, hi, keep_kv=first)
+    def one_pass(h, state, window_kv, i):
+        if active is None:
+            return run(h, state, window_kv, lo, hi, keep_kv=i == 0)
+        return jax.lax.cond(i < active, lambda c: run(*c, lo, hi, keep_kv=i == 0), lambda c: c,
+                            (h, state, window_kv))
 
+    # The checkpoint goes around the cond, never inside it: linearising a cond keeps every residual of its
+    # branch, so a checkpoint inside would still store each pass's activations (memory growing with N).
     if cfg.remat in ("pass", "both"):
         one_pass = jax.checkpoint(one_pass)
 
     def body(carry, i):
         h, state, window_kv, h_wake = carry
-        if active is None:
-            h, state, window_kv = one_pass(h, state, window_kv, i == 0)
-        else:
-            h, state, window_kv = jax.lax.cond(i < active, lambda c: one_pass(*c, i == 0), lambda c: c,
-                                               (h, state, window_kv))
+        h, state, window_kv = one_pass(h, state, window_kv, i)
         if h_wake is not None:
             h_wake = jnp.where(i == 0, h, h_wake)
         return (h, state, window_kv, h_wake), None
