@@ -50,9 +50,9 @@ MUTATIONS = [
              ("tests/test_sleep_gradients.py",),
              "no gradient through the fast weights carried from one window to the next (BPTT through sleep)"),
     Mutation("stop_gradient_between_passes", "sleepjax/model.py",
-             "jax.lax.cond(i < active, lambda c: one_pass(*c, i == 0), lambda c: c,",
-             "jax.lax.cond(i < active, lambda c: one_pass(*jax.tree_util.tree_map(lambda x: jnp.where(i == 0, x, "
-             "jax.lax.stop_gradient(x)), c), i == 0), lambda c: c,",
+             "h, state, window_kv = one_pass(h, state, window_kv, i)",
+             "h, state, window_kv = one_pass(*jax.tree_util.tree_map(lambda x: jnp.where(i == 0, x, "
+             "jax.lax.stop_gradient(x)), (h, state, window_kv)), i)",
              ("tests/test_sleep_gradients.py",),
              "no gradient from sleep pass n back into pass n-1"),
     Mutation("sleep_decided_by_first_example", "sleepjax/model.py",
