@@ -155,9 +155,10 @@ class Throughput:
     The caller times each step and passes its seconds to ``add``; a process's first step (compilation) is left out.
     """
 
-    def __init__(self):
-        self.seconds = self.total_seconds = 0.0
-        self.steps = self.total_steps = 0
+    def __init__(self, total_seconds: float = 0.0, total_steps: int = 0):
+        """``total_*``: what earlier launches of the same run measured (a resumed run's timing continues)."""
+        self.seconds, self.steps = 0.0, 0
+        self.total_seconds, self.total_steps = float(total_seconds), int(total_steps)
 
     def add(self, seconds: float) -> None:
         self.seconds += seconds

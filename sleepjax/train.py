@@ -323,8 +323,15 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     tokens_per_seq = task.seq_len
     prefetch = Prefetcher(lambda step: task.batch(cfg.seed, step, cfg.batch_size, rows=rows))
     windows = WindowStore(workdir)
-    window = Window(windows.load(start) if start else None)
-    rate, t_run, steps_per_s = Throughput(), _now(), None
+    saved_window = windows.load(start) if start else None
+    window = Window(saved_window)
+    # Timing carried across restarts (recorded with each checkpoint): results.json covers the whole run, not only
+    # the last launch (a restart of a finished run must not replace its timing by a few seconds of restoring).
+    timing = (saved_window or {}).get("timing", {})
+    rate, t_run, steps_per_s = Throughput(timing.get("step_seconds", 0.0), timing.get("steps_timed", 0)), _now(), None
+    wall_before = timing.get("wall_clock_s", 0.0)
+    if start == cfg.steps and (workdir / "results.json").exists():  # finished: its own record also counts the end
+        wall_before = max(wall_before, json.loads((workdir / "results.json").read_text()).get("wall_clock_s", 0.0))
     lr_at = learning_rates(cfg, schedule_steps)
     notice = PreemptionNotice()
     last_eval: dict = {}
@@ -341,7 +348,9 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
 
     def save(step, force=False):
         if log.enabled:  # the partial averaging window at this step, so a resume here logs the same rows
-            windows.save(step, window.state(), manager.all_steps())
+            windows.save(step, {**window.state(), "timing": {
+                "step_seconds": rate.total_seconds, "steps_timed": rate.total_steps,
+                "wall_clock_s": wall_before + _now() - t_run}}, manager.all_steps())
         manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     try:
@@ -399,7 +408,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         "task": task.name, "sleep_n": model_cfg.sleep_n, "seed": cfg.seed, "steps": int(state.step),
         "sequences": int(state.step) * cfg.batch_size, "tokens": int(state.step) * cfg.batch_size * tokens_per_seq,
         "num_params": model_lib.num_params(state.params), "difficulty_name": task.difficulty_name,
-        "seconds_per_step": rate.seconds_per_step(), "wall_clock_s": _now() - t_run, "final_eval": last_eval,
+        "seconds_per_step": rate.seconds_per_step(), "wall_clock_s": wall_before + _now() - t_run, "final_eval": last_eval,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
         "lr_schedule_steps": schedule_steps, "extended": record["extended"],
     }

@@ -113,6 +113,9 @@ def test_final_step_is_checkpointed_and_restarting_a_finished_run_trains_nothing
     assert not steps_run, "a finished run must not train"
     assert (workdir / "metrics.jsonl").read_text() == log_before, "rows of a finished run were rewritten"
     assert results["steps"] == STEPS and results["final_eval"] == reference["results"]["final_eval"]
+    # The timing is the whole run's, carried in the checkpoint, not the few seconds this launch took to restore.
+    assert results["seconds_per_step"] == reference["results"]["seconds_per_step"] is not None
+    assert results["wall_clock_s"] >= reference["results"]["wall_clock_s"]
     assert_bitwise_equal(checkpoint_params(workdir), reference["params"])
 
 
