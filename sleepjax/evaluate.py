@@ -18,8 +18,7 @@ from sleepjax import model as model_lib
 def score_batch(params, tokens, loss_mask, item, num_items: int):
     """Per-example, per-item results on device. Returns dict of [B, Q] arrays: ``exact`` (bool), ``ce`` (mean
     cross-entropy of the item's positions), ``present`` (the item exists), plus token-level sums."""
-    logits = model_lib.forward(params, tokens, loss_mask)
-    ce, correct, mask = model_lib.token_losses(logits, tokens, loss_mask)
+    ce, correct, mask = model_lib.token_stats(params, tokens, loss_mask)
     onehot = (item[:, :-1, None] == jnp.arange(num_items)).astype(jnp.float32)  # [B, T-1, Q]
     count = onehot.sum(1)
     wrong = jnp.einsum("btq,bt->bq", onehot, 1.0 - correct.astype(jnp.float32))

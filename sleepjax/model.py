@@ -385,8 +385,9 @@ def window_kv(params: Params, ctx, state: FastWeights, context=None):
     return kv
 
 
-def _window(params: Params, carry, tokens, loss_mask, valid):
-    """Algorithm 1 on one window: sleep (N passes) if no position is supervised, else wake (one pass)."""
+def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head):
+    """Algorithm 1 on one window: sleep (N passes) if no position is supervised, else wake (one pass). Returns
+    the carry and ``head(params, h, targets)`` of the window's final hidden states."""
     cfg = params.config
     state, context = carry
     active = None if cfg.sleep_n == 1 else jnp.where(jnp.any(loss_mask), 1, cfg.sleep_n)
@@ -394,7 +395,74 @@ def _window(params: Params, carry, tokens, loss_mask, valid):
                               context=context)
     if context is not None:
         context = tuple((k, v, jnp.asarray(True)) for k, v in kv)
-    return (state, context), unembed(params, h)
+    return (state, context), head(params, h, targets)
+
+
+def _logits_head(params: Params, h, targets):
+    return unembed(params, h)
+
+
+# Logits per head chunk and example (float32 elements): a pretrained vocabulary (~150k) gets chunks of 128
+# positions, a small task vocabulary one chunk per window.
+HEAD_CHUNK_ELEMENTS = 1 << 25
+
+
+def _stats_head(params: Params, h, targets):
+    """Cross-entropy and greedy correctness [B, L] of a window's next-token predictions, from its hidden states
+    [B, L, d], over chunks of positions: a window's [B, L, V] logits are never held at once, and the backward
+    recomputes one chunk's at a time (with a pretrained vocabulary they were most of a train step's memory)."""
+    B, L, _ = h.shape
+    vocab = params.config.vocab_size
+    chunk = min(L, 1 << max(4, int(math.log2(max(HEAD_CHUNK_ELEMENTS // vocab, 1)))))
+    count = -(-L // chunk)
+    pad = count * chunk - L
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, count, chunk, -1).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, count, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(params, h, targets):
+        logits = unembed(params, h)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return ce, jnp.argmax(logits, axis=-1) == targets
+
+    ce, correct = jax.lax.map(lambda xs: one_chunk(params, *xs), (h, targets))
+    return tuple(x.swapaxes(0, 1).reshape(B, count * chunk)[:, :L] for x in (ce, correct))
+
+
+def _scan_windows(params: Params, tokens, loss_mask, state, head):
+    """Algorithm 1 over the windows of tokens [B, T]: (the final fast weights, ``head``'s outputs [B, T, ...])."""
+    cfg = params.config
+    check_tokens("tokens", tokens, cfg, 2, "[B, T]")
+    B, T = tokens.shape
+    if not hasattr(loss_mask, "shape") or tuple(loss_mask.shape) != (B, T):
+        raise ValueError(f"loss_mask must have shape {(B, T)} [B, T] like tokens, got {getattr(loss_mask, 'shape', None)}")
+    state = init_state(params, B) if state is None else state
+    check_state(state, params, B)
+    window_fn = functools.partial(_window, head=head)
+    if cfg.remat in ("window", "both"):
+        window_fn = jax.checkpoint(window_fn)
+
+    # A short last window is padded to a full one: attention and the conv are causal, and padded tokens leave
+    # the fast weights untouched, so real positions are unaffected; every window then shares one compiled body.
+    L = cfg.window
+    num_windows = -(-T // L)
+    pad = num_windows * L - T
+    tokens = jnp.asarray(tokens, jnp.int32)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))  # position t predicts token t + 1
+    tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+    loss_mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, pad)))
+    valid = jnp.arange(num_windows * L) < T
+    by_window = lambda x: x.reshape(B, num_windows, L).swapaxes(0, 1)
+    windows = (by_window(tokens), by_window(loss_mask), valid.reshape(num_windows, L), by_window(targets))
+    context = _no_context(params, B) if cfg.eviction == "sliding" else None
+
+    def body(carry, xs):
+        return window_fn(params, carry, *xs)
+
+    (state, _), out = jax.lax.scan(body, (state, context), windows)  # out: [num_windows, B, L, ...] leaves
+    out = jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape(B, num_windows * L, *x.shape[3:])[:, :T], out)
+    return state, out
 
 
 def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None, *, return_state: bool = False):
@@ -405,36 +473,18 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     [B, T, V] float32 (in a consolidation window, those of its last pass), plus the final fast weights if
     ``return_state``. ``state`` defaults to zeros (S is zero once per sequence). Under sliding eviction every
     window's attention also sees the previous window's wake-pass keys/values (the first window sees none).
+    Training and evaluation use ``token_stats``, which never holds the [B, T, V] logits.
     """
-    cfg = params.config
-    check_tokens("tokens", tokens, cfg, 2, "[B, T]")
-    B, T = tokens.shape
-    if not hasattr(loss_mask, "shape") or tuple(loss_mask.shape) != (B, T):
-        raise ValueError(f"loss_mask must have shape {(B, T)} [B, T] like tokens, got {getattr(loss_mask, 'shape', None)}")
-    state = init_state(params, B) if state is None else state
-    check_state(state, params, B)
-    window_fn = _window
-    if cfg.remat in ("window", "both"):
-        window_fn = jax.checkpoint(_window)
-
-    # A short last window is padded to a full one: attention and the conv are causal, and padded tokens leave
-    # the fast weights untouched, so real positions are unaffected; every window then shares one compiled body.
-    L = cfg.window
-    num_windows = -(-T // L)
-    pad = num_windows * L - T
-    tokens = jnp.pad(jnp.asarray(tokens, jnp.int32), ((0, 0), (0, pad)))
-    loss_mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, pad)))
-    valid = jnp.arange(num_windows * L) < T
-    windows = (tokens.reshape(B, num_windows, L).swapaxes(0, 1), loss_mask.reshape(B, num_windows, L).swapaxes(0, 1),
-               valid.reshape(num_windows, L))
-    context = _no_context(params, B) if cfg.eviction == "sliding" else None
-
-    def body(carry, xs):
-        return window_fn(params, carry, *xs)
-
-    (state, _), logits = jax.lax.scan(body, (state, context), windows)  # logits [num_windows, B, L, V]
-    logits = logits.swapaxes(0, 1).reshape(B, num_windows * L, -1)[:, :T]
+    state, logits = _scan_windows(params, tokens, loss_mask, state, _logits_head)
     return (logits, state) if return_state else logits
+
+
+def token_stats(params: Params, tokens, loss_mask):
+    """``token_losses(forward(params, tokens, loss_mask), tokens, loss_mask)`` without the [B, T, V] logits: the
+    per-position cross-entropy, greedy correctness and mask, each [B, T-1], computed window by window in chunks
+    of positions (see ``_stats_head``)."""
+    _, (ce, correct) = _scan_windows(params, tokens, loss_mask, None, _stats_head)
+    return ce[:, :-1], correct[:, :-1], jnp.asarray(loss_mask)[:, :-1].astype(jnp.float32)
 
 
 def layer_passes(cfg: ModelConfig, loss_mask) -> int:
@@ -463,8 +513,7 @@ def token_losses(logits, tokens, loss_mask):
 
 def loss(params: Params, tokens, loss_mask) -> tuple[jax.Array, dict[str, Any]]:
     """Masked mean next-token cross-entropy of Algorithm 1, with token accuracy. Returns (loss, metrics)."""
-    logits = forward(params, tokens, loss_mask)
-    ce, correct, mask = token_losses(logits, tokens, loss_mask)
+    ce, correct, mask = token_stats(params, tokens, loss_mask)
     count = jnp.maximum(mask.sum(), 1.0)
     value = (ce * mask).sum() / count
     return value, {"loss": value, "accuracy": (correct * mask).sum() / count, "supervised": mask.sum()}

@@ -271,3 +271,26 @@ def test_a_window_sleeps_iff_no_example_of_the_batch_supervises_it():
     np.testing.assert_array_equal(out["first"], out["all"])
     assert rel_err(out["none"][:, :8], out["all"][:, :8]) > 1e-2
     assert rel_err(out["none"][:, 8:], out["all"][:, 8:]) > 1e-2
+
+
+@pytest.mark.parametrize("remat", ["none", "both"])
+def test_token_stats_equal_the_logits_path_in_chunks(remat, monkeypatch):
+    """The training/eval loss (cross-entropy per window, in chunks of positions, never the [B, T, V] logits) equals
+    ``token_losses`` of the full logits, values and gradients. Window 24 in head chunks of 16 (the last one padded),
+    T = 53 (a short last window): catches a target shifted by one too many, chunk padding read as positions, or
+    the last window's positions dropped."""
+    monkeypatch.setattr(model_lib, "HEAD_CHUNK_ELEMENTS", 20 * 11)  # 16-position chunks for vocab 11
+    params = small_model(sleep_n=3, window=24, remat=remat)
+    tokens = random_tokens(case_key("stats", remat), 3, 53)
+    mask = jnp.zeros((3, 53), bool).at[:, 30:52].set(True).at[1, 5].set(True)
+    ce_ref, correct_ref, mask_ref = model_lib.token_losses(sleepjax.forward(params, tokens, mask), tokens, mask)
+    ce, correct, mask_out = model_lib.token_stats(params, tokens, mask)
+    assert ce.shape == correct.shape == (3, 52)
+    np.testing.assert_allclose(ce, ce_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(correct, correct_ref)
+    np.testing.assert_array_equal(mask_out, mask_ref)
+    weights = jax.random.uniform(case_key("stats-w"), (3, 52))
+    grads = jax.grad(lambda p: (model_lib.token_stats(p, tokens, mask)[0] * weights).sum())(params)
+    grads_ref = jax.grad(lambda p: (model_lib.token_losses(sleepjax.forward(p, tokens, mask), tokens, mask)[0]
+                                    * weights).sum())(params)
+    assert_trees_close(grads, grads_ref, 1e-4, "gradients ")
