@@ -75,7 +75,8 @@ def comparison_table(runs: list[dict], level: float = 0.5) -> str:
     groups = _groups(runs)
     keys = difficulty_keys(runs)
     base = groups.get("N = 1")
-    base_time = np.mean([r["results"]["seconds_per_step"] or np.nan for r in base]) if base else None
+    base_known = [r["results"]["seconds_per_step"] for r in base or [] if r["results"]["seconds_per_step"]]
+    base_time = np.mean(base_known) if base_known else None  # no timed N = 1 run: no cost column
     head = ["run", "seeds", "sequences", "exact (all)"] + [k.split("/")[1] for k in keys]
     head += [f"hardest >= {level:.0%} (first at)", "s / step", "cost vs N = 1", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

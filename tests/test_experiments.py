@@ -63,3 +63,19 @@ def test_report_writes_table_and_plot(tmp_path):
     assert "| transformer (full context) | 0 | 19200 | 0.200 |" in text
     assert "1.60x" in text  # sleep cost: N = 4 at 0.2 s/step vs N = 1 at 0.125
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_report_cost_column_without_a_timed_n1_run(tmp_path):
+    """A run without step times (seconds_per_step None) gives '-' for the sleep cost, never 'nanx'."""
+    run_dirs = []
+    for n, step_time in ((1, None), (4, 0.2)):
+        d = tmp_path / f"N{n}_seed0"
+        d.mkdir()
+        final = {"step": 10, "kind": "eval", "sequences": 640, "exact": 0.5, "exact/k=1": 0.5}
+        (d / "metrics.jsonl").write_text(json.dumps(final) + "\n")
+        (d / "results.json").write_text(json.dumps({
+            "sleep_n": n, "seed": 0, "sequences": 640, "seconds_per_step": step_time, "wall_clock_s": 6.0,
+            "difficulty_name": "k", "final_eval": final}))
+        run_dirs.append(d)
+    text = report.comparison_table([report.load_run(d) for d in run_dirs])
+    assert "nan" not in text and "| 0.200 | - |" in text, text
