@@ -1,6 +1,7 @@
 """Shared test helpers: fresh random inputs per case and relative-error comparisons."""
 
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -82,3 +83,20 @@ def launcher_env(tmp_path_factory):
     names a cache kept between sessions)."""
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
     return {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_COMPILATION_CACHE_DIR": cache}
+
+
+def wait_for_step(procs, workdir, step, past_a_checkpoint=False, timeout=300):
+    """Until the children's log reaches ``step`` (read defensively: a child may be mid-append), and with
+    ``past_a_checkpoint`` until training has moved past a finished checkpoint; fails if a child ends first."""
+    from sleepjax.metrics_log import read_metrics
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = read_metrics(Path(workdir) / "metrics.jsonl")
+        last = rows[-1]["step"] if rows else 0
+        if last >= step and (not past_a_checkpoint or last > max(finished_checkpoints(workdir), default=1e9)):
+            return
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, "the run ended before it could be interrupted\n" + str(ended[0].communicate()[0])[-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} in {timeout} s")

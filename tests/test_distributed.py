@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, without_timing
+from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, wait_for_step, without_timing
 from sleepjax.metrics_log import read_metrics
 from test_train import MICRO
 
@@ -104,22 +103,10 @@ def clean_two(tmp_path_factory, launcher_env):
     return dict(params=checkpoint_params(workdir), rows=read_metrics(workdir / "metrics.jsonl"))
 
 
-def _wait_for_step(procs, workdir, step, past_a_checkpoint=False, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = read_metrics(workdir / "metrics.jsonl")
-        last = rows[-1]["step"] if rows else 0
-        if last >= step and (not past_a_checkpoint or last > max(finished_checkpoints(workdir), default=1e9)):
-            return
-        assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"the run did not reach step {step} in {timeout} s")
-
-
 def test_two_processes_train_die_and_resume(tmp_path, launcher_env, clean_two):
     workdir = tmp_path / "run"
     procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
-    _wait_for_step(procs, workdir, 1, past_a_checkpoint=True)  # process 1 "dies" once training is past a checkpoint
+    wait_for_step(procs, workdir, 1, past_a_checkpoint=True)  # process 1 "dies" once training is past a checkpoint
     os.kill(procs[1].pid, signal.SIGKILL)
     os.kill(procs[0].pid, signal.SIGKILL)  # what a job scheduler does with the rest of a broken job
     for p in procs:
@@ -142,7 +129,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_p
     workdir = tmp_path / "run"
     procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
     signalled = random.randrange(2, TWO_STEPS - 10)
-    _wait_for_step(procs, workdir, signalled)
+    wait_for_step(procs, workdir, signalled)
     os.kill(procs[1].pid, signal.SIGTERM)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [75, 75], \

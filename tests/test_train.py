@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, without_timing
+from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, wait_for_step, without_timing
 import sleepjax
 from sleepjax import optim, tasks
 from sleepjax.evaluate import evaluate
@@ -73,25 +72,11 @@ def clean_launch(tmp_path_factory, launcher_env):
     return dict(params=checkpoint_params(clean), rows=read_metrics(clean / "metrics.jsonl"))
 
 
-def _wait_for_step(proc, workdir, step, past_a_checkpoint=False, timeout=240):
-    """Until the child's log reaches ``step`` (read defensively: the child may be mid-append), and with
-    ``past_a_checkpoint`` until training has moved past a finished checkpoint; fails if the child ends first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        rows = read_metrics(workdir / "metrics.jsonl")
-        last = rows[-1]["step"] if rows else 0
-        if last >= step and (not past_a_checkpoint or last > max(finished_checkpoints(workdir), default=1e9)):
-            return
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    raise AssertionError(f"the run did not reach step {step} in {timeout} s")
-
-
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, launcher_env, clean_launch):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_launcher(killed, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_step(proc, killed, 1, past_a_checkpoint=True)
+    wait_for_step([proc], killed, 1, past_a_checkpoint=True)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert finished_checkpoints(killed), "no checkpoint had finished before the kill"
@@ -110,7 +95,7 @@ def test_sigterm_exits_75_after_a_checkpoint_and_resumes_bitwise(tmp_path, launc
     proc = subprocess.Popen(_launcher(workdir, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     signalled = random.randrange(2, LAUNCH_STEPS // 2)
-    _wait_for_step(proc, workdir, signalled)
+    wait_for_step([proc], workdir, signalled)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, f"SIGTERM near step {signalled}: exit {proc.returncode}\n{err[-2000:]}"
