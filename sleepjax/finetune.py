@@ -1,5 +1,5 @@
-"""Fine-tuning a pretrained model with sleep: where its parameters come from, which of them train, and which
-eviction policy a step trains with (the paper's hard-eviction warm-up before sliding eviction).
+"""Fine-tuning a pretrained model with sleep: where its parameters come from and which of them train. (The
+hard-eviction warm-up of a sliding-eviction model is ``train.train_step``'s ``hard_eviction``.)
 
 The training loop (``train.py``) calls these; each is a pure function of the configs.
 """
@@ -67,13 +67,3 @@ def hold_frozen(tree, mask, step, until: int):
     weight decay would otherwise still move them) and their optimizer moments at zero until they thaw."""
     active = jnp.asarray(True) if until <= 0 else step < until
     return jax.tree_util.tree_map(lambda x, m: jnp.where(active & m, jnp.zeros_like(x), x) if m else x, tree, mask)
-
-
-def warmup_params(params: Params, step: int, warmup_eviction_steps: int) -> Params:
-    """The params a training step computes its loss with: hard eviction for the first ``warmup_eviction_steps``
-    steps of a sliding-eviction model (the paper's warm-up), the model's own config otherwise. ``step`` is a
-    Python int: the two policies are two compiled steps."""
-    cfg = params.config
-    if cfg.eviction == "sliding" and step < warmup_eviction_steps:
-        return params.replace(config=cfg.replace(eviction="hard"))
-    return params
