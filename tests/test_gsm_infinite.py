@@ -3,15 +3,17 @@
 The solver below reads only the text (question, statements) and the world's category table (which items belong
 to which category, which sub goes with which category); it never looks at the generator's graph."""
 
+import functools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sleepjax import tasks
+from sleepjax import schedule, tasks
 from sleepjax.tasks.base import check_example
-from sleepjax.tasks.gsm_infinite import CATEGORIES, GSMInfinite
+from sleepjax.tasks.gsm_infinite import CATEGORIES, GSMInfinite, tokenize
 
 MAX_VALUE = 1000
 SUB_TO_CATEGORY = {sub: cat for cat, (sub, _) in CATEGORIES.items()}
@@ -265,7 +267,8 @@ def test_layout_and_check_example(preset):
         check_example(task, ex)
         if preset.startswith("paper"):
             check_problem(task, task.problem(1, index, "test"))
-            assert 1800 <= ex.meta["num_tokens"] <= 3300, ex.meta["num_tokens"]
+            lo, hi = task.fill_tokens
+            assert lo <= ex.meta["num_tokens"] <= hi, ex.meta["num_tokens"]
         words = [vocab[t] for t in ex.tokens]
         ctx = ex.meta["answer_start"]  # evict: the context fills context_len; stream: the answer follows the text
         assert ctx == (task.context_len if task.layout == "evict" else ex.meta["num_tokens"])
@@ -355,6 +358,10 @@ BAD_OPTIONS = [
     (dict(window=0), "window"),
     (dict(window=4), "window"),
     (dict(context_len=100), "context_len"),
+    # catches: a stream fill range starting inside the first window (answers supervised there)
+    (dict(layout="stream", fill_tokens=(32, 100)), "fill_tokens must start at lo >= window"),
+    # catches: a stream context_len too short for lo plus the answer (the cap pulls lo under the window)
+    (dict(layout="stream", fill_tokens=(64, 64), context_len=64), "context_len must leave room"),
     (dict(preset="huge"), "preset"),
     (dict(places=1, categories=1, items=1), "places"),
 ]
@@ -464,3 +471,125 @@ def test_pretrained_tokenizer():
         assert targets[-1] == encoder.eos_id
         assert encoder.decode(targets[:-1]).strip() == str(ex.meta["answer"])
         assert encoder.decode(ex.tokens[start:supervised[0] + 1]).strip() == "Answer:"
+
+
+# ----- fill lengths and sleep schedules
+
+TOKENIZER = str(Path(__file__).parent / "fixtures" / "tokenizer")
+# a small stream setting counted in a checkpoint tokenizer's tokens (character-level BPE: ~5x the word count)
+SMALL_STREAM = dict(fill_tokens=(300, 400), window=256, context_len=512, layout="stream", places=3, categories=3,
+                    items=4)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_examples(options, split, count, seed=0):
+    """(task, examples 0..count-1): the slow paper presets are generated once for every test that needs them."""
+    task = GSMInfinite(**dict(options))
+    return task, tuple(task.example(seed, i, split) for i in range(count))
+
+
+def check_filled(task, examples):
+    """Every context is in fill_tokens (encoded by the task's encoder) and no answer is supervised before it."""
+    lo, hi = task._fill_span()
+    for ex in examples:
+        n = ex.meta["num_tokens"]
+        assert n == len(task._encoder.context(ex.meta["question"], ex.meta["problem"]))
+        assert lo <= n <= hi, (lo, n, hi)
+        if task.layout == "stream":
+            assert ex.meta["answer_start"] == n and not ex.loss_mask[:n].any()
+            assert not ex.loss_mask[:task.window].any(), "supervised in the first window"
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper_sliding", "paper_symbolic"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_paper_fill_within_range_and_first_window_asleep(preset, split):
+    # catches: the fill loop giving up on the first statement that overshoots its target, below fill_tokens' lo
+    task, examples = cached_examples((("preset", preset),), split, 64)  # the batches test_sleep_schedule_fits uses
+    assert task.layout == "stream" and task.fill_tokens[0] >= task.window
+    check_filled(task, examples)
+    for index in range(0, 64, 16):  # filled problems stay consistent (fill statements taken back cleanly)
+        check_problem(task, task.problem(0, index, split))
+
+
+def test_paper_fill_regressions():
+    # catches: the old fill loop (stop at the first overshoot): these problems of seed 0 ended under 2000 tokens
+    # (train 1 and 236 at 1998 and 1992, test 102 at 1999), their answers in the first window
+    task = GSMInfinite(preset="paper")
+    for index, split in ((1, "train"), (236, "train"), (425, "train"), (543, "train"), (102, "test"), (473, "test"),
+                         (951, "test")):
+        ex = task.example(0, index, split)
+        assert ex.meta["num_tokens"] >= 2000, (index, split, ex.meta["num_tokens"])
+        assert not ex.loss_mask[:task.window].any()
+
+
+@pytest.mark.parametrize("subset", ["medium", "symbolic"])
+def test_fill_counts_tokenizer_tokens(subset):
+    # catches: fill lengths counted in closed-vocabulary words while the task encodes with a checkpoint tokenizer
+    options = dict(SMALL_STREAM, subset=subset, var_digits=4)
+    task = GSMInfinite(tokenizer=TOKENIZER, **options)
+    words = GSMInfinite(**options)  # the same problems' word counts are far from the tokenizer's
+    for split in ("train", "test"):
+        examples = [task.example(0, i, split) for i in range(40)]
+        check_filled(task, examples)
+        assert all(1 + len(tokenize(ex.meta["question"])) + len(tokenize(ex.meta["problem"])) < 300
+                   for ex in examples)
+    assert np.array_equal(GSMInfinite(tokenizer=TOKENIZER, **options).example(0, 3).tokens, task.example(0, 3).tokens)
+    check_filled(words, [words.example(0, i) for i in range(20)])
+
+
+@pytest.mark.parametrize("error", [-4, 4])
+def test_fill_corrects_a_wrong_estimate(error):
+    # catches: trusting the per-statement token estimate (a BPE tokenizer's counts are not additive) without
+    # measuring the encoded context
+    task = GSMInfinite(**SMALL_STREAM)
+    count = task._encoder.count
+    task._encoder.count = lambda statement: max(1, count(statement) + error)
+    check_filled(task, [task.example(0, i) for i in range(30)])
+    for index in range(10):
+        check_problem(task, task.problem(0, index))
+
+
+SCHEDULE_CASES = [  # (options, expected schedule at the task's window)
+    (dict(preset="tiny"), "SSW"),  # evict: context_len 128 in windows of 64, then the prediction window
+    (dict(preset="tiny_hard"), "SSSW"),
+    (dict(preset="tiny_symbolic"), "SSW"),
+    (dict(preset="tiny", layout="stream"), "MM"),  # no fill: the answer may land in either window
+    (dict(preset="paper"), "SW"),
+    (dict(preset="paper_hard"), "SW"),
+    (dict(preset="paper_symbolic"), "SW"),
+    (dict(preset="paper_sliding"), "SSSSMM"),  # answers start after 2048 tokens, anywhere up to 3000
+    (dict(SMALL_STREAM, tokenizer=TOKENIZER), "SW"),
+]
+
+
+@pytest.mark.parametrize("options,expected", SCHEDULE_CASES, ids=[e + str(i) for i, (_, e) in
+                                                                  enumerate(SCHEDULE_CASES)])
+def test_sleep_schedule_expected(options, expected):
+    # catches: a schedule that is all M (no compile savings) or an off-by-one in the windows' bounds
+    task = GSMInfinite(**options)
+    assert task.sleep_schedule() == expected
+    assert task.sleep_schedule(task.seq_len) == "W"  # one window holds every answer
+    assert len(task.sleep_schedule(17)) == schedule.num_windows(task.seq_len, 17)
+
+
+FIT_CASES = [  # (options, batch size, windows)
+    (dict(preset="tiny"), 256, (64, 32, 50, 135)),
+    (dict(preset="tiny_hard"), 128, (64, 40)),
+    (dict(preset="tiny_symbolic"), 256, (64, 16, 100)),
+    (dict(preset="tiny", layout="stream"), 256, (64, 8, 128)),
+    (dict(SMALL_STREAM, tokenizer=TOKENIZER), 128, (256, 100, 64)),
+    (dict(SMALL_STREAM, subset="symbolic", var_digits=4, tokenizer=TOKENIZER), 128, (256, 300)),
+    (dict(preset="paper"), 64, (2000, 1000, 512, 300)),
+    (dict(preset="paper_sliding"), 64, (512, 1024, 2048, 250)),
+]
+
+
+@pytest.mark.parametrize("options,size,windows", FIT_CASES, ids=[str(i) for i in range(len(FIT_CASES))])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_sleep_schedule_fits_batches(options, size, windows, split):
+    # catches: a declared S or W window that some batch contradicts (a wrong guarantee: the trainer recompiles)
+    task, examples = cached_examples(tuple(sorted(options.items())), split, size)
+    mask = np.stack([ex.loss_mask for ex in examples])
+    for window in windows:
+        declared = task.sleep_schedule(window)
+        assert schedule.fits(declared, mask, window), (window, declared, schedule.misfits(declared, mask, window))

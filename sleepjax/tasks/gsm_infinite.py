@@ -28,20 +28,27 @@ mentioned counts 2k (k products, k additions). A quantity is needed if the quest
 "which" questions, the target's chain length (root included) for "value" questions.
 
 Distractors: ``distractors`` statements that no needed quantity uses (always present), ``noise`` "spider"
-statements defining new quantities from needed ones (true, unneeded), and with ``fill_tokens`` more of both
-until the text reaches a token length drawn from that range. In ``symbolic`` all three add filler-tree
-statements (a spider would give a known value and could change a "which" answer).
+statements defining new quantities from needed ones (true, unneeded), and with ``fill_tokens=(lo, hi)`` more of
+both until the context (BOS, question, statements) is a token length drawn from that range, counted in the tokens
+of the encoder in use: every problem's context is in [lo, hi] (capped at the room the layout leaves). In
+``symbolic`` all three add filler-tree statements (a spider would give a known value and could change a "which"
+answer).
 
 Layout ``evict`` (default): ``[PAD..., BOS, question, statements]`` fills ``context_len`` tokens (a whole number of
 windows, left-padded so the text ends at the prediction window), then the prediction window ``Answer : <answer> EOS``
 right-padded to ``pred_len``; ``seq_len = context_len + pred_len``: the whole problem is consolidated and evicted
 before the answer. Layout ``stream`` (the paper's): ``[BOS, question, statements, Answer : <answer> EOS, PAD...]``
 from position 0, ``seq_len = context_len``: windows fill from the start of the text, so the windows before the
-answer's are consolidated and the rest of the problem is still in attention when the answer is predicted.
+answer's are consolidated and the rest of the problem is still in attention when the answer is predicted; with
+``fill_tokens`` its lo must be >= window, so no answer is ever supervised in the first window.
 With ``tokenizer`` (a pretrained model's tokenizer.json) the text is tokenized by it instead of the closed word
 vocabulary (``text_encoding.py``). The loss (and item 0) is on the positions
 predicting the answer tokens and EOS; difficulty = [op]. Train draws op ~ Uniform{op_min..op_max}; the test
 split cycles op by index so every op gets an equal share of a run of examples.
+
+``sleep_schedule`` follows from the layout: the supervised positions of a problem are the span that starts where
+the answer does (context_len in ``evict``; the context's length in ``stream``, in fill_tokens' range when set)
+and is as long as its answer.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sleepjax import schedule as schedule_lib
 from sleepjax.tasks.base import Example, Task, example_rng
 from sleepjax.tasks.text_encoding import TokenizerEncoder, WordEncoder
 
@@ -91,6 +99,8 @@ P_REUSE = 0.35          # an operand reuses an existing quantity (the graph beco
 P_AGGREGATE = 0.35      # an operand is a new aggregate
 P_AVERAGE = 0.3         # hard: a new leaf is an average rather than a number
 MAX_REDRAWS = 200
+FILL_MISSES = 16        # statements one fill may fail to make or fit before it gives up (the problem is redrawn)
+FILL_ROUNDS = 4         # exact measurements of a filled context (each corrects the per-statement estimate)
 _TOKEN_RE = re.compile(r"[A-Za-z]+|\d|[.,?:=+\-]")
 
 
@@ -296,10 +306,15 @@ class _Graph:
         self.leaf[(kind, place, item)] = node_id
         return node_id
 
-    def pop_leaf(self) -> None:
-        """Undoes the last add_leaf (nothing can use the newest node yet)."""
-        node = self.nodes.pop()
-        del self.leaf[(node.kind, node.place, node.item)]
+    def truncate(self, size: int) -> None:
+        """Drops the nodes from id ``size`` on (no older node depends on them: ids are a topological order)."""
+        for node in self.nodes[size:]:
+            if node.form:
+                del self.leaf[(node.kind, node.place, node.item)]
+            else:
+                del self.aggregate[(node.kind, node.place, node.cat)]
+        del self.nodes[size:]
+        self.frozen = {(place, cat) for _, place, cat in self.aggregate}  # only a registered aggregate freezes
 
     # ----- building toward an exact op
     def build_operand(self, budget: int, counted: frozenset, exclude: Sequence[int]) -> int | None:
@@ -462,8 +477,9 @@ class GSMInfinite(Task):
     """GSM-Infinite-style problems; see the module docstring for the grammar, op and layout.
 
     Options: subset; op_min..op_max; distractors and noise (int or (lo, hi), drawn uniformly per problem);
-    fill_tokens (0 = off, or (lo, hi): add unneeded statements until BOS + question + statements reach a length
-    drawn from the range, capped at context_len); places, categories, items (the world of one problem:
+    fill_tokens (0 = off, or (lo, hi): add unneeded statements until BOS + question + statements, in the
+    encoder's tokens, reach a length drawn from the range, capped at the room the layout leaves; stream needs
+    lo >= window); places, categories, items (the world of one problem:
     how many places, categories and items per category it draws from); const_max (constants 1..const_max);
     var_digits (digits of a symbolic variable name); window; context_len; layout ("evict" or "stream", see the
     module docstring); tokenizer (None, or the path of a tokenizer.json / checkpoint directory).
@@ -522,8 +538,14 @@ class GSMInfinite(Task):
         self.pred_len = self._longest_answer()
         if self.pred_len > self.window:
             raise ValueError(f"window must hold the prediction window of {self.pred_len} tokens, got {self.window}")
+        self._prefix_len = len(self._encoder.answer(["0"], "0")[0])  # "Answer :" is the same for every answer
+        if self.layout == "stream" and self.fill_tokens and self._fill_span()[0] < self.window:
+            raise ValueError(f"context_len must leave room for a context of fill_tokens' lo={self.fill_tokens[0]} "
+                             f"tokens and an answer of {self.pred_len} in the stream layout (and lo >= "
+                             f"window={self.window}), got {self.context_len}")
         self.seq_len = self.context_len + (self.pred_len if self.layout == "evict" else 0)
-        # The problems do not depend on how they are tokenized or laid out: the salt leaves those options out.
+        # The salt leaves out how problems are tokenized and laid out: without fill_tokens the problems do not
+        # depend on it (with fill_tokens their length is counted in the encoder's tokens, within the layout's room).
         self._salt = "gsm_infinite|" + "|".join(f"{k}={v}" for k, v in sorted(options.items())
                                                 if k not in ("layout", "tokenizer"))
 
@@ -563,6 +585,10 @@ class GSMInfinite(Task):
             if o["fill_tokens"][1] > o["context_len"]:
                 raise ValueError(f"fill_tokens must be 0 or a range (lo, hi) with hi <= context_len="
                                  f"{o['context_len']}, got {o['fill_tokens']!r}")
+            if o["layout"] == "stream" and o["fill_tokens"][0] < o["window"]:
+                # the answer starts right after the context: lo >= window keeps it out of the first window
+                raise ValueError(f"fill_tokens must start at lo >= window={o['window']} in the stream layout (no "
+                                 f"answer in the first window), got {o['fill_tokens']!r}")
         list_tokens = MAX_LIST * (1 + o["var_digits"]) if o["subset"] == "symbolic" else 0
         pred_len = 2 + max(MAX_ANSWER_DIGITS, list_tokens) + 1
         if pred_len > o["window"]:
@@ -579,6 +605,37 @@ class GSMInfinite(Task):
                 raise ValueError(f"var_digits={o['var_digits']} gives too few variable names for up to {most} "
                                  f"variables; raise var_digits")
 
+    def sleep_schedule(self, window: int | None = None) -> str:
+        """S / W / M per window of ``window`` tokens (default: the task's window), from the layout alone.
+
+        A problem whose answer starts at position ``start`` with a body (answer tokens and EOS) of B tokens is
+        supervised exactly on [start + P - 1, start + P + B - 2] (P: the answer prefix's tokens). start is
+        context_len in ``evict``; in ``stream`` it is the context's length: in ``_fill_span`` with fill_tokens,
+        else anywhere in 1..context_len - pred_len. B is in 2..pred_len - P (at least one answer token, then EOS).
+        A window is S when no such span reaches it, W when every one does, M otherwise."""
+        window = self.window if window is None else int(window)
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        prefix = self._prefix_len
+        if self.layout == "evict":
+            start_min = start_max = self.context_len
+        elif self.fill_tokens:
+            start_min, start_max = self._fill_span()
+        else:
+            start_min, start_max = 1, self.context_len - self.pred_len
+        first_min, first_max = start_min + prefix - 1, start_max + prefix - 1  # first supervised position
+        last_min, last_max = start_min + prefix, start_max + self.pred_len - 2  # last supervised position
+        letters = []
+        for w in range(schedule_lib.num_windows(self.seq_len, window)):
+            a, b = w * window, min((w + 1) * window, self.seq_len) - 1  # the window's first and last position
+            if first_min > b or last_max < a:
+                letters.append(schedule_lib.SLEEP)
+            elif first_max <= b and last_min >= a:  # every span starts by b and ends at a or later
+                letters.append(schedule_lib.WAKE)
+            else:
+                letters.append(schedule_lib.MIXED)
+        return "".join(letters)
+
     # ----- text
     def tokenize(self, text: str) -> list[str]:
         tokens = tokenize(text)
@@ -594,9 +651,58 @@ class GSMInfinite(Task):
     def _draw(self, rng: np.random.Generator, span: tuple[int, int]) -> int:
         return int(rng.integers(span[0], span[1] + 1))
 
-    def _fill_target(self, rng: np.random.Generator) -> int:
+    def _fill_span(self) -> tuple[int, int]:
+        """The context lengths (lo, hi) fill_tokens allows, capped at the room the layout leaves."""
         room = self.context_len - (self.pred_len if self.layout == "stream" else 0)
-        return min(self._draw(rng, self.fill_tokens), room) if self.fill_tokens else 0
+        return min(self.fill_tokens[0], room), min(self.fill_tokens[1], room)
+
+    def _fill(self, rng: np.random.Generator, question: str, statements: list[str], add, undo) -> list[str] | None:
+        """``statements`` in a random order; with fill_tokens first grown until the encoded context is a length drawn
+        from ``_fill_span``. ``add()`` makes one more unneeded statement (None when it cannot) and ``undo()`` takes
+        back the newest one still made. None when no fill lands in the span (the caller redraws the problem).
+
+        Lengths are estimated statement by statement (``count``) and then checked by encoding the whole context a
+        few times at most: encoding it after every statement would cost one full encode per statement (hundreds
+        per paper-length problem) with a BPE tokenizer."""
+        if not self.fill_tokens:
+            return [statements[i] for i in rng.permutation(len(statements))]
+        lo, hi = self._fill_span()
+        target = self._draw(rng, (lo, hi))
+        made: list[tuple[str, int]] = []  # (statement, its estimated tokens) of every statement added, newest last
+
+        def measure(texts: list[str]) -> int:
+            return len(self._encoder.context(question, " ".join(texts)))
+
+        def grow(texts: list[str], length: int, put) -> None:
+            misses = 0
+            while length < target and misses < FILL_MISSES:
+                statement = add()
+                if statement is None:
+                    misses += 1
+                    continue
+                count = self._encoder.count(statement)
+                if length + count > hi:  # never past hi: take it back and try another (constants are short)
+                    undo()
+                    misses += 1
+                    continue
+                put(texts, statement)
+                made.append((statement, count))
+                length += count
+
+        grow(statements, measure(statements), list.append)
+        texts = [statements[i] for i in rng.permutation(len(statements))]
+        for _ in range(FILL_ROUNDS):
+            length = measure(texts)
+            if lo <= length <= hi:
+                return texts
+            # a BPE tokenizer's counts are not additive: correct from the exact length
+            while length > hi and made:
+                statement, count = made.pop()
+                undo()
+                texts.remove(statement)
+                length -= count
+            grow(texts, length, lambda t, s: t.insert(int(rng.integers(len(t) + 1)), s))
+        return None
 
     def _longest_answer(self) -> int:
         """Tokens of the longest ``Answer : <answer> EOS`` this task can ask for."""
@@ -644,19 +750,19 @@ class GSMInfinite(Task):
         for _ in range(noise):
             g.add_unneeded(spider=True)
         question = g.question(g.nodes[target])
-        length = 1 + len(tokenize(question)) + sum(len(tokenize(g.statement(n))) for n in g.nodes if n.form)
-        fill = self._fill_target(rng)
-        while length < fill:
-            if not g.add_unneeded(spider=bool(rng.random() < 0.5)):
-                break
-            extra = len(tokenize(g.statement(g.nodes[-1])))
-            if length + extra > fill:
-                g.pop_leaf()
-                break
-            length += extra
+        sizes: list[int] = []  # len(g.nodes) before each fill statement still in the graph
 
-        leaves = [n for n in g.nodes if n.form]
-        statements = [g.statement(leaves[i]) for i in rng.permutation(len(leaves))]
+        def add() -> str | None:
+            sizes.append(len(g.nodes))
+            if g.add_unneeded(spider=bool(rng.random() < 0.5)):
+                return g.statement(g.nodes[-1])
+            g.truncate(sizes.pop())  # a failed try may have registered aggregates: free their slots again
+            return None
+
+        statements = self._fill(rng, question, [g.statement(n) for n in g.nodes if n.form], add,
+                                lambda: g.truncate(sizes.pop()))
+        if statements is None:
+            return None
         solution = " ".join(g.step(g.nodes[i]) for i in sorted(g.needed))
         answer = g.nodes[target].value
         values = {g.quantity(n): n.value for n in g.nodes}
@@ -720,18 +826,17 @@ class GSMInfinite(Task):
             question = f"question: value of {needed[target][0]}?"
             steps = list(range(op))  # the path root -> target
 
-        statements = ([render(needed, j) for j in range(len(needed))]
-                      + [render(filler, j) for j in range(1, len(filler))])
-        length = 1 + len(tokenize(question)) + sum(len(tokenize(s)) for s in statements)
-        fill = self._fill_target(rng)
-        while length < fill:
+        def add() -> str:
             grow(filler, int(rng.integers(len(filler))))
-            statement = render(filler, len(filler) - 1)
-            if length + len(tokenize(statement)) > fill:
-                break
-            statements.append(statement)
-            length += len(tokenize(statement))
-        statements = [statements[i] for i in rng.permutation(len(statements))]
+            return render(filler, len(filler) - 1)
+
+        def undo() -> None:  # the newest filler variable: nothing refers to it yet
+            used.discard(int(filler.pop()[0][1:]))
+
+        statements = self._fill(rng, question, [render(needed, j) for j in range(len(needed))]
+                                + [render(filler, j) for j in range(1, len(filler))], add, undo)
+        if statements is None:
+            return None
 
         def step(j: int) -> str:
             name, parent, form, value = needed[j]

@@ -2,7 +2,9 @@
 tokenizer (``tokenizer.json``, read with the ``tokenizers`` package).
 
 An encoder gives the ids of the context (question + statements), the answer as (prefix, body) where the loss is on
-predicting the body (the answer tokens, then end-of-sequence), the padding id and the vocabulary. Scoring stays
+predicting the body (the answer tokens, then end-of-sequence), the padding id and the vocabulary, and ``count``: the
+tokens one more statement adds to a context (exact for the word vocabulary, an estimate for a BPE tokenizer, whose
+counts are not always additive: callers that need an exact length encode the context). Scoring stays
 exact match of the body under teacher forcing, which is what greedy decoding produces token for token, so an
 answer counts as right exactly when its decoded number (or variable list) is.
 """
@@ -33,6 +35,10 @@ class WordEncoder:
 
     def context(self, question: str, text: str) -> np.ndarray:
         return self.ids(["BOS"] + self._tokenize(question) + self._tokenize(text))
+
+    def count(self, statement: str) -> int:
+        """Tokens ``statement`` adds to a context (exact: words never span the space between statements)."""
+        return len(self._tokenize(statement))
 
     def answer(self, answer_tokens: Sequence[str], answer_text: str) -> tuple[np.ndarray, np.ndarray]:
         return self.ids(["Answer", ":"]), self.ids(list(answer_tokens) + ["EOS"])
@@ -74,6 +80,10 @@ class TokenizerEncoder:
     def context(self, question: str, text: str) -> np.ndarray:
         bos = [] if self.bos_id is None else [self.bos_id]
         return np.asarray(bos + self._encode(question + " " + text), dtype=np.int32)
+
+    def count(self, statement: str) -> int:
+        """Tokens ``statement`` adds to a context after a space (an estimate: a merge may span the boundary)."""
+        return len(self._encode(" " + statement))
 
     def answer(self, answer_tokens: Sequence[str], answer_text: str) -> tuple[np.ndarray, np.ndarray]:
         return (np.asarray(self._encode(" Answer:"), np.int32),
