@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sleepjax import layers
+from sleepjax import schedule as schedule_lib
 from sleepjax.config import ModelConfig
 
 FastWeights = tuple  # one float32 [B, Hv, Dk, Dv] array per GDN layer, in layer order
@@ -272,12 +273,20 @@ def _empty_window_kv(params: Params, h):
     return tuple((jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype)) for _ in range(cfg.num_attn_layers))
 
 
-def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, valid=None, context=None):
+def _select(keep, new, old):
+    """Per example: ``new`` where keep [B] is True, else ``old`` (trees of arrays with a leading batch axis)."""
+    return jax.tree_util.tree_map(
+        lambda a, b: jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, valid=None, context=None):
     """A window: the layers before ``sleep_layers`` once, ``n`` passes of the sleep layers as a ``lax.scan``
     (compile time stays flat in n), the layers after them once on the last pass's output.
 
-    ``active`` (traced int32, optional): only the first ``active`` passes run, the rest pass the carry through.
-    One scan then serves both wake (active = 1) and sleep (active = n), so the block stack is compiled once.
+    ``sleeps`` (bool [B], may be traced; None = every example): the examples that sleep. The others keep their
+    first pass's hidden states and fast weights through the later passes (which the batch still computes), so each
+    example gets exactly what running it alone would give. No branch depends on data: the passes a window costs
+    are fixed when it is traced (see ``sleepjax/schedule.py``).
     ``context`` (sliding eviction): per attention layer (k, v, has_context) of the previous window.
     Returns (h, state, window_kv): window_kv holds every attention layer's keys/values of the WAKE pass (the first;
     sliding eviction keeps those for the next window, the one place this choice is made), () under hard eviction.
@@ -291,14 +300,14 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, active=None, va
     h, state, window_kv = run(h, state, window_kv, 0, lo)
 
     def one_pass(h, state, window_kv, i):
-        if active is None:
-            return run(h, state, window_kv, lo, hi, keep_kv=i == 0)
-        return jax.lax.cond(i < active, lambda c: run(*c, lo, hi, keep_kv=i == 0), lambda c: c,
-                            (h, state, window_kv))
+        new_h, new_state, window_kv = run(h, state, window_kv, lo, hi, keep_kv=i == 0)
+        if sleeps is not None:  # an example that wakes keeps its first pass
+            new_h, new_state = _select(sleeps | (i == 0), (new_h, new_state), (h, state))
+        return new_h, new_state, window_kv
 
-    # The checkpoint goes around the cond, never inside it: linearising a cond keeps every residual of its
-    # branch, so a checkpoint inside would still store each pass's activations (memory growing with N).
-    if cfg.remat in ("pass", "both"):
+    # Remat where it pays: a pass checkpoint keeps only the pass's input until the backward. Under "both" the
+    # window checkpoint already does that for a window of one pass, where a pass checkpoint would only recompute.
+    if cfg.remat == "pass" or (cfg.remat == "both" and n > 1):
         one_pass = jax.checkpoint(one_pass)
 
     def body(carry, i):
@@ -385,17 +394,22 @@ def window_kv(params: Params, ctx, state: FastWeights, context=None):
     return kv
 
 
-def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head):
-    """Algorithm 1 on one window: sleep (N passes) if no position is supervised, else wake (one pass). Returns
-    the carry and ``head(params, h, targets)`` of the window's final hidden states."""
+def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, kind: str):
+    """Algorithm 1 on one window of schedule letter ``kind``: an example sleeps (N passes) iff none of its
+    positions is supervised, else wakes (one pass). Returns the carry and (``head(params, h, targets)`` of the
+    window's final hidden states, the passes each example ran [B])."""
     cfg = params.config
     state, context = carry
-    active = None if cfg.sleep_n == 1 else jnp.where(jnp.any(loss_mask), 1, cfg.sleep_n)
-    h, state, kv = run_passes(params, embed(params, tokens), state, cfg.sleep_n, active=active, valid=valid,
-                              context=context)
+    n, sleeps = cfg.sleep_n, None
+    if kind == schedule_lib.WAKE or n == 1:
+        n = 1
+    elif kind == schedule_lib.MIXED:
+        sleeps = ~jnp.any(loss_mask, axis=1)
+    h, state, kv = run_passes(params, embed(params, tokens), state, n, sleeps=sleeps, valid=valid, context=context)
     if context is not None:
         context = tuple((k, v, jnp.asarray(True)) for k, v in kv)
-    return (state, context), head(params, h, targets)
+    passes = jnp.full(tokens.shape[:1], n, jnp.int32) if sleeps is None else jnp.where(sleeps, n, 1)
+    return (state, context), (head(params, h, targets), passes)
 
 
 def _logits_head(params: Params, h, targets):
@@ -430,23 +444,49 @@ def _stats_head(params: Params, h, targets):
     return tuple(x.swapaxes(0, 1).reshape(B, count * chunk)[:, :L] for x in (ce, correct))
 
 
-def _scan_windows(params: Params, tokens, loss_mask, state, head):
-    """Algorithm 1 over the windows of tokens [B, T]: (the final fast weights, ``head``'s outputs [B, T, ...])."""
+def resolve_schedule(cfg: ModelConfig, loss_mask, schedule: str | None = None) -> str:
+    """The schedule a call runs (``sleepjax/schedule.py``). None: derived from a concrete (host) loss_mask, or M
+    in every window when the mask is traced (right for any batch, N passes everywhere). A given schedule is checked
+    against a concrete mask: one that does not fit raises, naming the window and the example."""
+    T = loss_mask.shape[1]
+    if schedule is None:
+        return schedule_lib.derive(loss_mask, cfg.window) if _is_concrete(loss_mask) else schedule_lib.mixed(
+            T, cfg.window)
+    schedule_lib.check(schedule, T, cfg.window)
+    if _is_concrete(loss_mask):
+        bad = schedule_lib.misfits(schedule, loss_mask, cfg.window)
+        if bad:
+            raise ValueError(f"schedule {schedule!r} does not fit loss_mask: {bad[0][1]}")
+    return schedule
+
+
+def _segments(schedule: str) -> list[tuple[str, int, int]]:
+    """Runs of equal letters: (kind, first window, end window)."""
+    out: list[tuple[str, int, int]] = []
+    for w, kind in enumerate(schedule):
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1], w + 1)
+        else:
+            out.append((kind, w, w + 1))
+    return out
+
+
+def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str | None):
+    """Algorithm 1 over the windows of tokens [B, T]: (the final fast weights, ``head``'s outputs [B, T, ...],
+    the passes each example ran in each window [B, W])."""
     cfg = params.config
     check_tokens("tokens", tokens, cfg, 2, "[B, T]")
     B, T = tokens.shape
     if not hasattr(loss_mask, "shape") or tuple(loss_mask.shape) != (B, T):
         raise ValueError(f"loss_mask must have shape {(B, T)} [B, T] like tokens, got {getattr(loss_mask, 'shape', None)}")
+    schedule = resolve_schedule(cfg, loss_mask, schedule)
     state = init_state(params, B) if state is None else state
     check_state(state, params, B)
-    window_fn = functools.partial(_window, head=head)
-    if cfg.remat in ("window", "both"):
-        window_fn = jax.checkpoint(window_fn)
 
     # A short last window is padded to a full one: attention and the conv are causal, and padded tokens leave
-    # the fast weights untouched, so real positions are unaffected; every window then shares one compiled body.
+    # the fast weights untouched, so real positions are unaffected; windows of one letter share a compiled body.
     L = cfg.window
-    num_windows = -(-T // L)
+    num_windows = len(schedule)
     pad = num_windows * L - T
     tokens = jnp.asarray(tokens, jnp.int32)
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad + 1)))  # position t predicts token t + 1
@@ -455,50 +495,81 @@ def _scan_windows(params: Params, tokens, loss_mask, state, head):
     valid = jnp.arange(num_windows * L) < T
     by_window = lambda x: x.reshape(B, num_windows, L).swapaxes(0, 1)
     windows = (by_window(tokens), by_window(loss_mask), valid.reshape(num_windows, L), by_window(targets))
-    context = _no_context(params, B) if cfg.eviction == "sliding" else None
+    carry = (state, _no_context(params, B) if cfg.eviction == "sliding" else None)
 
-    def body(carry, xs):
-        return window_fn(params, carry, *xs)
-
-    (state, _), out = jax.lax.scan(body, (state, context), windows)  # out: [num_windows, B, L, ...] leaves
+    # Each run of equal schedule letters is one scan whose body runs exactly the passes its letter needs.
+    outs = []
+    for kind, first, end in _segments(schedule):
+        window_fn = functools.partial(_window, head=head, kind=kind)
+        if cfg.remat in ("window", "both"):
+            window_fn = jax.checkpoint(window_fn)
+        xs = tuple(x[first:end] for x in windows)
+        carry, out = jax.lax.scan(lambda c, xs: window_fn(params, c, *xs), carry, xs)
+        outs.append(out)
+    out, passes = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)  # [num_windows, B, ...] leaves
     out = jax.tree_util.tree_map(lambda x: x.swapaxes(0, 1).reshape(B, num_windows * L, *x.shape[3:])[:, :T], out)
-    return state, out
+    return carry[0], out, passes.T
 
 
-def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None, *, return_state: bool = False):
+def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None, *, return_state: bool = False,
+            schedule: str | None = None):
     """Algorithm 1 over tokens [B, T] split into windows of ``config.window`` (the last may be shorter).
 
-    loss_mask [B, T] bool: position t's prediction (of token t+1) is supervised. A window with no supervised
-    position in any example is consolidated with N passes; any other window gets one. Returns logits
-    [B, T, V] float32 (in a consolidation window, those of its last pass), plus the final fast weights if
-    ``return_state``. ``state`` defaults to zeros (S is zero once per sequence). Under sliding eviction every
-    window's attention also sees the previous window's wake-pass keys/values (the first window sees none).
+    loss_mask [B, T] bool: position t's prediction (of token t+1) is supervised. Each example decides for itself:
+    its window is consolidated with N passes iff none of its own positions there is supervised, else it gets one;
+    no example's outputs depend on the others in its batch. ``schedule`` (one letter per window, see
+    ``sleepjax/schedule.py``) only sets what the compiled call costs: None derives it from a concrete loss_mask
+    (under jit, a traced mask gets M everywhere: N passes for every window; pass the schedule to do better).
+    Returns logits [B, T, V] float32 (in a consolidation window, those of its last pass), plus the final fast
+    weights if ``return_state``. ``state`` defaults to zeros (S is zero once per sequence). Under sliding
+    eviction every window's attention also sees the previous window's wake-pass keys/values (the first none).
     Training and evaluation use ``token_stats``, which never holds the [B, T, V] logits.
     """
-    state, logits = _scan_windows(params, tokens, loss_mask, state, _logits_head)
+    state, logits, _ = _scan_windows(params, tokens, loss_mask, state, _logits_head, schedule)
     return (logits, state) if return_state else logits
 
 
-def token_stats(params: Params, tokens, loss_mask):
+def token_stats(params: Params, tokens, loss_mask, *, schedule: str | None = None, return_passes: bool = False):
     """``token_losses(forward(params, tokens, loss_mask), tokens, loss_mask)`` without the [B, T, V] logits: the
     per-position cross-entropy, greedy correctness and mask, each [B, T-1], computed window by window in chunks
-    of positions (see ``_stats_head``)."""
-    _, (ce, correct) = _scan_windows(params, tokens, loss_mask, None, _stats_head)
-    return ce[:, :-1], correct[:, :-1], jnp.asarray(loss_mask)[:, :-1].astype(jnp.float32)
+    of positions (see ``_stats_head``). ``return_passes``: also the passes each example ran per window [B, W]."""
+    _, (ce, correct), passes = _scan_windows(params, tokens, loss_mask, None, _stats_head, schedule)
+    out = ce[:, :-1], correct[:, :-1], jnp.asarray(loss_mask)[:, :-1].astype(jnp.float32)
+    return (*out, passes) if return_passes else out
 
 
-def layer_passes(cfg: ModelConfig, loss_mask) -> int:
-    """Layer-window passes Algorithm 1 runs over a batch with this loss_mask [B, T] (host array): a wake window
-    costs one pass of every layer, a sleep window the layers before ``sleep_layers`` once, the sleep layers N
-    times and the rest once. The ratio of two configs' counts is their ratio of training FLOPs, up to attention's
-    window-size term (matmuls of the projections and MLPs dominate at the sizes used here)."""
-    mask = np.asarray(loss_mask, bool)
-    num_windows = -(-mask.shape[1] // cfg.window)
-    mask = np.pad(mask, ((0, 0), (0, num_windows * cfg.window - mask.shape[1])))
-    wakes = int(mask.reshape(mask.shape[0], num_windows, cfg.window).any(axis=(0, 2)).sum())
+SLEEP_COUNTS = ("should_sleep", "slept", "slept_supervised")
+
+
+def sleep_counts(cfg: ModelConfig, loss_mask, passes) -> dict[str, jax.Array]:
+    """Example-windows (loss_mask [B, T], passes [B, W] as ``token_stats`` returns them): ``should_sleep`` (no
+    supervised position), ``slept`` (of those, the ones that ran N passes) and ``slept_supervised`` (supervised
+    ones that ran more than one pass: never, unless a schedule was wrong). Sums, so they add over batches."""
+    B, T = loss_mask.shape
+    W = passes.shape[1]
+    mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, W * cfg.window - T)))
+    supervised = mask.reshape(B, W, cfg.window).any(axis=2)
+    return {"should_sleep": jnp.sum(~supervised), "slept": jnp.sum(~supervised & (passes == cfg.sleep_n)),
+            "slept_supervised": jnp.sum(supervised & (passes > 1))}
+
+
+def slept_fraction(counts) -> float:
+    """Of the example-windows that should have slept, the fraction that did (1.0 when none should have)."""
+    should = float(counts["should_sleep"])
+    return float(counts["slept"]) / should if should else 1.0
+
+
+def layer_passes(cfg: ModelConfig, loss_mask, schedule: str | None = None) -> int:
+    """Layer-window passes the compiled step runs per example for this loss_mask [B, T] (host array) and schedule
+    (default: derived from the mask): a W window costs one pass of every layer, an S or M window the layers
+    before ``sleep_layers`` once, the sleep layers N times and the rest once. The ratio of two configs' counts is
+    their ratio of training FLOPs, up to attention's window-size term (matmuls of the projections and MLPs
+    dominate at the sizes used here)."""
+    schedule = resolve_schedule(cfg, np.asarray(loss_mask, bool), schedule)
+    wakes = schedule.count(schedule_lib.WAKE)
     lo, hi = cfg.sleep_layer_range
     depth = len(cfg.layers)
-    return wakes * depth + (num_windows - wakes) * (depth - (hi - lo) + cfg.sleep_n * (hi - lo))
+    return wakes * depth + (len(schedule) - wakes) * (depth - (hi - lo) + cfg.sleep_n * (hi - lo))
 
 
 def token_losses(logits, tokens, loss_mask):
@@ -511,9 +582,11 @@ def token_losses(logits, tokens, loss_mask):
     return ce, correct, loss_mask[:, :-1].astype(jnp.float32)
 
 
-def loss(params: Params, tokens, loss_mask) -> tuple[jax.Array, dict[str, Any]]:
-    """Masked mean next-token cross-entropy of Algorithm 1, with token accuracy. Returns (loss, metrics)."""
-    ce, correct, mask = token_stats(params, tokens, loss_mask)
+def loss(params: Params, tokens, loss_mask, *, schedule: str | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Masked mean next-token cross-entropy of Algorithm 1, with token accuracy and ``sleep_counts``. Returns
+    (loss, metrics). ``schedule``: as in ``forward``."""
+    ce, correct, mask, passes = token_stats(params, tokens, loss_mask, schedule=schedule, return_passes=True)
     count = jnp.maximum(mask.sum(), 1.0)
     value = (ce * mask).sum() / count
-    return value, {"loss": value, "accuracy": (correct * mask).sum() / count, "supervised": mask.sum()}
+    return value, {"loss": value, "accuracy": (correct * mask).sum() / count, "supervised": mask.sum(),
+                   **sleep_counts(params.config, loss_mask, passes)}

@@ -22,12 +22,15 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sleepjax import finetune
 from sleepjax import model as model_lib
 from sleepjax import optim, sharding
+from sleepjax import schedule as schedule_lib
 from sleepjax.config import ModelConfig
 from sleepjax.evaluate import evaluate
 from sleepjax.metrics_log import MetricsLog, Throughput, Window, WindowStore, format_duration
@@ -63,6 +66,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     mesh: str = ""
+    # K micro-batches per optimizer step (batch_size / K sequences each, gradients summed): the update of the full
+    # batch, for a fraction of its activation memory.
+    grad_accum: int = 1
     # Fine-tuning (sleepjax/finetune.py): start from a pretrained checkpoint directory, with insert_gdn fresh GDN
     # layers; freeze="pretrained" trains only those layers for freeze_steps steps (0: the whole run).
     init_from: str = ""
@@ -75,10 +81,12 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
-                     "keep_checkpoints", "log_every"):
+                     "keep_checkpoints", "log_every", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("muon_lr", "adam_lr"):
@@ -140,17 +148,55 @@ def train_state_shardings(abstract_state, model_cfg: ModelConfig, mesh):
     return sharding.tree_shardings(abstract_state, mesh, lambda path: model_lib.logical_axes_at(path, model_cfg))
 
 
-def train_step(state: TrainState, batch: dict, *, tx, frozen=None, freeze_steps: int = 0,
-               hard_eviction: bool = False) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` (tokens, loss_mask). Pure: returns the new state and metrics.
+def _micro_batches(x, k: int):
+    """[B, ...] -> [k, B / k, ...]: micro-batch i holds rows i, i + k, i + 2k, ... so that each device of a
+    batch-sharded mesh contributes the same number of rows to every micro-batch."""
+    return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+
+
+def loss_and_grads(params, tokens, loss_mask, *, schedule: str | None = None, grad_accum: int = 1):
+    """(metrics, gradients) of the masked mean cross-entropy of a batch, computed over ``grad_accum``
+    micro-batches: each contributes its summed cross-entropy divided by the WHOLE batch's supervised count, so the
+    summed gradients are the full batch's (up to float rounding). Metrics as ``model.loss`` gives them."""
+    count = jnp.maximum(jnp.asarray(loss_mask)[:, :-1].sum(), 1).astype(jnp.float32)
+
+    def micro(params, tokens, loss_mask):
+        ce, correct, mask, passes = model_lib.token_stats(params, tokens, loss_mask, schedule=schedule,
+                                                          return_passes=True)
+        total = (ce * mask).sum()
+        return total / count, {"ce": total, "correct": (correct * mask).sum(), "supervised": mask.sum(),
+                               **model_lib.sleep_counts(params.config, loss_mask, passes)}
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if grad_accum == 1:
+        (_, sums), grads = grad_fn(params, tokens, loss_mask)
+    else:
+        def body(acc, xs):
+            (_, sums), grads = grad_fn(params, *xs)
+            return jax.tree_util.tree_map(jnp.add, acc, (grads, sums)), None
+
+        xs = (_micro_batches(tokens, grad_accum), _micro_batches(jnp.asarray(loss_mask), grad_accum))
+        (_, sums), grads = jax.eval_shape(grad_fn, params, *(x[0] for x in xs))
+        zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), (grads, sums))
+        (grads, sums), _ = jax.lax.scan(body, zeros, xs)
+    metrics = {"loss": sums["ce"] / count, "accuracy": sums["correct"] / count,
+               **{k: v for k, v in sums.items() if k not in ("ce", "correct")}}
+    return metrics, grads
+
+
+def train_step(state: TrainState, batch: dict, *, tx, sleep_schedule: str | None = None, grad_accum: int = 1, frozen=None,
+               freeze_steps: int = 0, hard_eviction: bool = False) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` (tokens, loss_mask) run with ``sleep_schedule`` (one letter per
+    window, ``sleepjax/schedule.py``; it must fit the batch; None: M everywhere, right for any batch at N passes
+    per window) over ``grad_accum`` micro-batches. Pure: returns the new state and metrics.
 
     frozen: a pytree of bools like the params (``finetune.frozen_mask``): those parameters stay put while
     ``state.step < freeze_steps`` (0: always). hard_eviction: compute the loss with hard eviction whatever the
     model's policy (the warm-up of a sliding-eviction model)."""
     params = state.params
     loss_params = params.replace(config=params.config.replace(eviction="hard")) if hard_eviction else params
-    (_, metrics), grads = jax.value_and_grad(model_lib.loss, has_aux=True)(
-        loss_params, batch["tokens"], batch["loss_mask"])
+    metrics, grads = loss_and_grads(loss_params, batch["tokens"], batch["loss_mask"], schedule=sleep_schedule,
+                                    grad_accum=grad_accum)
     grads = grads.replace(config=params.config)
     if frozen is not None:
         grads = finetune.hold_frozen(grads, frozen, state.step, freeze_steps)
@@ -166,23 +212,37 @@ _OPTIMIZER_FIELDS = ("optimizer", "muon_lr", "adam_lr", "weight_decay", "warmup_
                      "final_lr_fraction", "grad_clip")
 
 
-_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "freeze", "freeze_steps")
+_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "freeze", "freeze_steps", "grad_accum")
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_step(model_cfg: ModelConfig, step_settings: tuple, schedule_steps: int, mesh, hard_eviction: bool):
-    """The jitted train step, shared by the ``train`` calls of one process that train the same model with the
-    same optimizer on the same mesh (a sweep over seeds, a run resumed in the same process): compiled once."""
-    cfg = TrainConfig(**dict(step_settings))  # only the optimizer's and the freezing fields are read
+@functools.lru_cache(maxsize=8)
+def _jitted_step(model_cfg: ModelConfig, step_settings: tuple, schedule_steps: int, mesh, hard_eviction: bool,
+                 sleep_schedule: str):
+    """The jitted train step for one sleep schedule, shared by the ``train`` calls of one process that train the
+    same model with the same optimizer on the same mesh (a sweep over seeds, a run resumed in the same process):
+    compiled once per schedule (once per run when the task's layout fixes it)."""
+    cfg = TrainConfig(**dict(step_settings))  # only the optimizer's, freezing and accumulation fields are read
     tx = make_optimizer(cfg, schedule_steps)
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
     state_sharding = train_state_shardings(abstract, model_cfg, mesh)
     frozen = (finetune.frozen_mask(abstract.params, cfg.freeze, finetune.inserted_layers(model_cfg, cfg.insert_gdn))
               if cfg.freeze != "none" else None)
-    step = functools.partial(train_step, tx=tx, frozen=frozen, freeze_steps=cfg.freeze_steps,
-                             hard_eviction=hard_eviction)
+    step = functools.partial(train_step, tx=tx, sleep_schedule=sleep_schedule, grad_accum=cfg.grad_accum, frozen=frozen,
+                             freeze_steps=cfg.freeze_steps, hard_eviction=hard_eviction)
     return jax.jit(step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def batch_schedule(declared: str, loss_mask, window: int) -> tuple[str, list[str]]:
+    """The schedule a batch runs: the task's ``declared`` one, with M in each window where it does not fit this
+    batch (on any process of a multi-host run, each of which sees only its rows). Returns (schedule, why it was
+    widened: one line per window that does not fit on this process)."""
+    misfits = schedule_lib.misfits(declared, loss_mask, window)
+    bad = np.zeros(len(declared), bool)
+    bad[[w for w, _ in misfits]] = True
+    if jax.process_count() > 1:  # every process must compile and run the same program
+        bad = np.asarray(multihost_utils.process_allgather(bad)).reshape(-1, len(declared)).any(axis=0)
+    return "".join(schedule_lib.MIXED if b else kind for b, kind in zip(bad, declared)), [why for _, why in misfits]
 
 
 def _with_defaults(saved: dict | None) -> dict | None:
@@ -265,6 +325,9 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         if getattr(cfg, name) % shards:
             raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of the data x fsdp mesh size "
                              f"({shards})")
+    if cfg.batch_size % (shards * cfg.grad_accum):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of grad_accum ({cfg.grad_accum}) x the "
+                         f"data x fsdp mesh size ({shards}): every device holds rows of every micro-batch")
     sharding.check_heads(model_cfg, mesh)
     lead = jax.process_index() == 0  # the one writer of shared files; every process reads config.json first
     say = (lambda text: print(text, flush=True)) if lead else (lambda text: None)
@@ -287,9 +350,11 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         write_json(workdir / "config.json", record)
     schedule_steps = record["lr_schedule_steps"]
     step_settings = tuple((k, getattr(cfg, k)) for k in _STEP_FIELDS)
-    step_fn = _jitted_step(model_cfg, step_settings, schedule_steps, mesh, False)
-    warmup_fn = (_jitted_step(model_cfg, step_settings, schedule_steps, mesh, True)
-                 if model_cfg.eviction == "sliding" and cfg.warmup_eviction_steps else step_fn)
+    declared = task.sleep_schedule(model_cfg.window)  # which windows sleep, as far as the task's layout fixes it
+    warmup_eviction = model_cfg.eviction == "sliding" and cfg.warmup_eviction_steps > 0
+    step_for = lambda step, schedule: _jitted_step(model_cfg, step_settings, schedule_steps, mesh,
+                                                   warmup_eviction and step < cfg.warmup_eviction_steps, schedule)
+    step_fn = step_for(cfg.steps, declared)
     if state is None and cfg.init_from:
         pretrained = finetune.pretrained_params(cfg.init_from, model_cfg, cfg.insert_gdn, cfg.seed)
         state = jax.jit(lambda p: init_train_state(model_cfg, cfg, make_optimizer(cfg, schedule_steps), p),
@@ -328,6 +393,14 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     # Timing carried across restarts (recorded with each checkpoint): results.json covers the whole run, not only
     # the last launch (a restart of a finished run must not replace its timing by a few seconds of restoring).
     timing = (saved_window or {}).get("timing", {})
+    # Example-windows that should have slept and did, over the whole run (carried across restarts like timing).
+    sleep_totals = {k: 0.0 for k in model_lib.SLEEP_COUNTS} | (saved_window or {}).get("sleep", {})
+    warned: set[str] = set()
+
+    def warn_once(key, text):
+        if key not in warned:
+            warned.add(key)
+            log.line(f"WARNING: {text}", final=True)
     rate, t_run, steps_per_s = Throughput(timing.get("step_seconds", 0.0), timing.get("steps_timed", 0)), _now(), None
     wall_before = timing.get("wall_clock_s", 0.0)
     if start == cfg.steps and (workdir / "results.json").exists():  # finished: its own record also counts the end
@@ -339,10 +412,14 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     def run_eval(step):
         nonlocal last_eval
         last_eval = evaluate(state.params, eval_batches, num_items=task.num_items,
-                             difficulty_name=task.difficulty_name, put=put_replicated)
+                             difficulty_name=task.difficulty_name, put=put_replicated, schedule=declared)
+        if last_eval["slept_fraction"] < 1.0:
+            warn_once("eval_slept", f"evaluation at step {step}: only {last_eval['slept_fraction']:.4f} of the "
+                      "example-windows that should have slept did")
         log.write(step, "eval", {**last_eval, "sequences": step * cfg.batch_size,
                                  "tokens": step * cfg.batch_size * tokens_per_seq})
-        log.line(f"eval @ {step}: exact {last_eval['exact']:.3f}  loss {last_eval['loss']:.4f}  " +
+        log.line(f"eval @ {step}: exact {last_eval['exact']:.3f}  loss {last_eval['loss']:.4f}  "
+                 f"slept {last_eval['slept_fraction']:.2f}  " +
                  "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in last_eval.items() if k.startswith("exact/")),
                  final=True)
 
@@ -350,7 +427,7 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         if log.enabled:  # the partial averaging window at this step, so a resume here logs the same rows
             windows.save(step, {**window.state(), "timing": {
                 "step_seconds": rate.total_seconds, "steps_timed": rate.total_steps,
-                "wall_clock_s": wall_before + _now() - t_run}}, manager.all_steps())
+                "wall_clock_s": wall_before + _now() - t_run}, "sleep": dict(sleep_totals)}, manager.all_steps())
         manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     try:
@@ -359,10 +436,15 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         for step in range(start, cfg.steps):
             t0 = _now()  # step time: the batch, the step and the loss sync; never evaluation or checkpoints
             batch = prefetch.get(step)
+            schedule, misfits = batch_schedule(declared, batch["loss_mask"], model_cfg.window)
+            if schedule != declared:
+                warn_once(f"schedule_{schedule}", f"the batch of step {step + 1} does not fit the task's sleep "
+                          f"schedule {declared!r} ({'; '.join(misfits) or 'on another process'}): it runs as "
+                          f"{schedule!r} (M: sleep decided per example, N passes for the batch), compiled once more")
             batch = sharding.global_batch(batch_sharding, {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]},
                                           cfg.batch_size)
             with jax.set_mesh(mesh):  # the model reads the mesh to run its kernels under shard_map
-                state, metrics = (warmup_fn if step < cfg.warmup_eviction_steps else step_fn)(state, batch)
+                state, metrics = step_for(step, schedule)(state, batch)
             loss = float(metrics["loss"])  # one host sync per step: a non-finite loss stops the run right here
             if step > start:  # the first step of a process includes compilation
                 rate.add(_now() - t0)
@@ -374,16 +456,24 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
                      else "No checkpoint was saved before it: a new launch starts from step 0"))
             done = step + 1
             window.add(metrics)
+            for key in model_lib.SLEEP_COUNTS:
+                sleep_totals[key] += float(metrics[key])
             if done % cfg.log_every == 0 or done == cfg.steps:
                 steps_per_s = rate.take()  # None for a window of only a process's first (compiling) step
                 row = {**window.take(), **lr_at(done), "sequences": done * cfg.batch_size,
                        "tokens": done * cfg.batch_size * tokens_per_seq, "elapsed_s": _now() - t_run}
+                row["slept_fraction"] = model_lib.slept_fraction(row)
+                if row["slept_fraction"] < 1.0 or row["slept_supervised"] > 0:
+                    warn_once("train_slept", f"steps up to {done}: only {row['slept_fraction']:.4f} of the "
+                              f"example-windows that should have slept did, and {row['slept_supervised']:.1f} "
+                              "supervised example-windows per step slept")
                 if steps_per_s is not None:
                     row.update(steps_per_s=steps_per_s, tokens_per_s=steps_per_s * cfg.batch_size * tokens_per_seq)
                 log.write(done, "train", row)
                 eta = (cfg.steps - done) / steps_per_s if steps_per_s else float("nan")
                 speed = f"{row['tokens_per_s'] / 1e3:.1f}k tok/s" if steps_per_s else "compiling"
                 log.line(f"step {done}/{cfg.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
+                         f"slept {row['slept_fraction']:.2f}  "
                          f"{speed}  ETA {format_duration(eta)}  (eval exact {last_eval.get('exact', float('nan')):.3f})")
             preempted = done < cfg.steps and notice.reached(done)  # asked at every step (the multi-process protocol)
             if preempted:
@@ -411,6 +501,9 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
         "seconds_per_step": rate.seconds_per_step(), "wall_clock_s": wall_before + _now() - t_run, "final_eval": last_eval,
         "devices": jax.device_count(), "mesh": dict(mesh.shape),
         "lr_schedule_steps": schedule_steps, "extended": record["extended"],
+        "sleep_schedule": declared, "slept_fraction": {"train": model_lib.slept_fraction(sleep_totals),
+                                                       "eval": last_eval.get("slept_fraction")},
+        "sleep_counts": {"train": sleep_totals},
     }
     if lead:
         write_json(workdir / "results.json", results)

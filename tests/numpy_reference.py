@@ -290,8 +290,8 @@ def states_to_layers(states):
     return [np.stack([states[b][i] for b in range(len(states))]) for i in range(len(states[0]))]
 
 
-def run_window(w: Weights, tokens, states, passes: int, contexts=None):
-    """``passes`` passes over one window for every sequence. tokens [B, T] (T <= window); contexts: per sequence,
+def run_window(w: Weights, tokens, states, passes, contexts=None):
+    """``passes`` (an int, or one int per sequence) passes over one window for every sequence. tokens [B, T] (T <= window); contexts: per sequence,
     per attention layer, the previous window's kept (k, v) (sliding eviction; None: hard eviction or no previous
     window). Returns (logits of the last pass [B, T, V], states, this window's kept (k, v) per sequence or None)."""
     logits, new_states, kept = [], [], []
@@ -299,7 +299,7 @@ def run_window(w: Weights, tokens, states, passes: int, contexts=None):
     for b in range(tokens.shape[0]):
         ctx = contexts[b] if contexts else None
         h0 = w.embed[tokens[b]]
-        h, s = window_passes(w, h0, states[b], passes, ctx)
+        h, s = window_passes(w, h0, states[b], passes if isinstance(passes, int) else int(passes[b]), ctx)
         logits.append(logits_of(w, h))
         new_states.append(s)
         kept.append(wake_kv(w, h0, states[b], ctx) if sliding else None)
@@ -313,16 +313,17 @@ def consolidate(w: Weights, states, ctx, n: int, contexts=None):
 
 def algorithm1(w: Weights, tokens, loss_mask, states=None):
     """Algorithm 1. tokens, loss_mask [B, T]; windows of ``window`` tokens, the last one shorter if T is not a
-    multiple. A window sleeps (N passes) iff no example of the batch supervises any of its positions; otherwise
-    it wakes (one pass). Returns (logits [B, T, V], final states [b][layer])."""
+    multiple. Each example decides for itself: its window sleeps (N passes) iff none of ITS positions there is
+    supervised; otherwise it wakes (one pass). Returns (logits [B, T, V], final states [b][layer])."""
     tokens, loss_mask = np.asarray(tokens), np.asarray(loss_mask, bool)
     B, T = tokens.shape
     L, N = w.cfg.window, w.cfg.sleep_n
     states = zero_states(w, B) if states is None else states
     logits, contexts = [], None
     for start in range(0, T, L):
-        supervised = loss_mask[:, start:start + L].any()
-        out, states, contexts = run_window(w, tokens[:, start:start + L], states, 1 if supervised else N, contexts)
+        supervised = loss_mask[:, start:start + L].any(axis=1)  # [B]: per example
+        passes = [1 if s else N for s in supervised]
+        out, states, contexts = run_window(w, tokens[:, start:start + L], states, passes, contexts)
         logits.append(out)
     return np.concatenate(logits, axis=1), states
 

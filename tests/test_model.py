@@ -38,15 +38,21 @@ def unrolled_consolidate(params, state, ctx, n):
 
 
 def reference_forward(params, tokens, loss_mask):
-    """Algorithm 1 written directly: Python loop over windows, Python branch on the (concrete) mask."""
+    """Algorithm 1 written directly, one example at a time: Python loop over windows, Python branch on the
+    example's own (concrete) mask."""
     cfg = params.config
-    state = sleepjax.init_state(params, tokens.shape[0])
-    logits = []
-    for start in range(0, tokens.shape[1], cfg.window):
-        ctx, mask = tokens[:, start:start + cfg.window], np.asarray(loss_mask[:, start:start + cfg.window])
-        state, h = unrolled_consolidate(params, state, ctx, 1 if mask.any() else cfg.sleep_n)
-        logits.append(model_lib.unembed(params, h))
-    return jnp.concatenate(logits, axis=1), state
+    rows = []
+    for b in range(tokens.shape[0]):
+        state = sleepjax.init_state(params, 1)
+        logits = []
+        for start in range(0, tokens.shape[1], cfg.window):
+            ctx = tokens[b:b + 1, start:start + cfg.window]
+            mask = np.asarray(loss_mask[b, start:start + cfg.window])
+            state, h = unrolled_consolidate(params, state, ctx, 1 if mask.any() else cfg.sleep_n)
+            logits.append(model_lib.unembed(params, h))
+        rows.append((jnp.concatenate(logits, axis=1), state))
+    return (jnp.concatenate([r[0] for r in rows]),
+            tuple(jnp.concatenate([r[1][i] for r in rows]) for i in range(cfg.num_gdn_layers)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +175,8 @@ def test_forward_matches_reference_algorithm(sleep_n, T, ssm_rule):
     tokens = random_tokens(case_key("fwd", sleep_n, T), 2, T)
     mask = np.zeros((2, T), bool)
     mask[:, 8:12] = True  # window 1 supervised: wake; windows 0 and 2 sleep
-    mask[0, T - 2] = True  # the last window is supervised in one example only: it wakes for the whole batch
+    mask[0, T - 2] = True  # the last window is supervised in example 0 only: example 1 sleeps there
+    # jit: the traced mask gets an M schedule (per example everywhere); eager: the schedule derived from the mask
     logits, state = jax.jit(lambda p, t, m: sleepjax.forward(p, t, m, return_state=True))(params, tokens, mask)
     ref_logits, ref_state = reference_forward(params, tokens, mask)
     assert logits.shape == (2, T, 11) and logits.dtype == jnp.float32
@@ -252,10 +259,12 @@ def test_orbax_round_trip(tmp_path):
     assert_trees_close(restored, params, 0.0, "restored")
 
 
-def test_a_window_sleeps_iff_no_example_of_the_batch_supervises_it():
-    """Window 0 supervised by the LAST example only, by the first only, or by all: it wakes in all three (same
-    logits everywhere); with no supervision in any example it sleeps (N = 3), which changes its logits and,
-    through the fast weights, those of the later windows."""
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_window_sleeps_iff_the_example_itself_supervises_nothing_there(jit):
+    """Window 0 supervised by the LAST example only, by the first only, by all or by none: each example's logits
+    are those it gets when every example shares its own choice (wake if it is supervised there, else sleep with
+    N = 3), whatever the others do. Catches the decision taken over the batch (``any`` over [B, L]) or over the
+    wrong axis. Eager calls derive the schedule from the mask; under jit the traced mask runs M windows."""
     params = small_model(sleep_n=3)
     tokens = random_tokens(case_key("decide-batch"), 3, 24)
     base = np.zeros((3, 24), bool)
@@ -264,13 +273,15 @@ def test_a_window_sleeps_iff_no_example_of_the_batch_supervises_it():
     for name, rows in (("last", [2]), ("first", [0]), ("all", [0, 1, 2]), ("none", [])):
         m = base.copy()
         m[rows, 3] = True
-        masks[name] = m
-    f = jax.jit(sleepjax.forward)
-    out = {name: np.asarray(f(params, tokens, m)) for name, m in masks.items()}
-    np.testing.assert_array_equal(out["last"], out["all"])
-    np.testing.assert_array_equal(out["first"], out["all"])
-    assert rel_err(out["none"][:, :8], out["all"][:, :8]) > 1e-2
-    assert rel_err(out["none"][:, 8:], out["all"][:, 8:]) > 1e-2
+        masks[name] = (rows, m)
+    f = jax.jit(sleepjax.forward) if jit else sleepjax.forward
+    out = {name: np.asarray(f(params, tokens, m)) for name, (_, m) in masks.items()}
+    assert rel_err(out["none"][:, :8], out["all"][:, :8]) > 1e-2, "sleeping must change the window's logits"
+    assert rel_err(out["none"][:, 8:], out["all"][:, 8:]) > 1e-2, "... and, through S, the later windows'"
+    for name, (rows, _) in masks.items():
+        for b in range(3):
+            expected = out["all"][b] if b in rows else out["none"][b]
+            assert rel_err(out[name][b], expected) < 1e-5, (name, b)
 
 
 @pytest.mark.parametrize("remat", ["none", "both"])

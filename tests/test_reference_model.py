@@ -105,7 +105,8 @@ def test_hard_gates_block():
 
 def masks(pattern, B, T):
     """Supervision patterns (window = 6). 'mixed': window 0 sleeps, window 1 is supervised in the LAST example
-    only (must wake for the whole batch), window 2 sleeps, the short last window wakes (first example only).
+    only (it wakes there, the others sleep), window 2 sleeps, the short last window wakes in the first example
+    only (the others sleep over it).
     'sleep_last': windows 0 and 2 sleep, 1 wakes (every example), and the short last window sleeps (padding)."""
     m = np.zeros((B, T), bool)
     if pattern == "mixed":

@@ -23,13 +23,16 @@ COMMON = ["--steps=2", "--batch_size=4", "--eval_size=4", "--eval_every=2", "--c
 
 
 def test_layer_passes_counts_windows_and_sleep_layers():
-    """Windows 0 and 2 of 3 sleep (nothing supervised), window 1 wakes; 4 layers, sleep_layers=(1, 3)."""
+    """Windows 0 and 2 of 3 sleep (nothing supervised), window 1 wakes (every example supervised); 4 layers,
+    sleep_layers=(1, 3). A window supervised in one example only is M: the batch runs N passes there."""
     cfg = sleepjax.ModelConfig.preset("tiny", window=4, sleep_n=3)
     mask = np.zeros((2, 11), bool)
-    mask[1, 5] = True
+    mask[:, 5] = True
     assert layer_passes(cfg, mask) == 4 + 2 * 3 * 4
     assert layer_passes(cfg.replace(sleep_layers=(1, 3)), mask) == 4 + 2 * (2 + 3 * 2)
     assert layer_passes(cfg.replace(sleep_n=1), mask) == 3 * 4
+    mask[0, 5] = False
+    assert layer_passes(cfg, mask) == 3 * 3 * 4
 
 
 @pytest.fixture(scope="module")

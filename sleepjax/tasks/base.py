@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sleepjax import schedule as schedule_lib
+
 SPLITS = ("train", "test")
 
 
@@ -56,10 +58,24 @@ class Task(abc.ABC):
     seq_len: int
     num_items: int
     difficulty_name: str = "difficulty"
+    # True when every example (any seed, index, split) has the same loss_mask: the sleep schedule of any window
+    # size then follows from one example (``sleep_schedule``).
+    fixed_loss_mask: bool = False
 
     @abc.abstractmethod
     def example(self, seed: int, index: int, split: str = "train") -> Example:
         """The example number ``index`` of the stream ``(seed, split)``."""
+
+    def sleep_schedule(self, window: int | None = None) -> str:
+        """What this task guarantees about its windows of ``window`` tokens (default: the task's own window), one
+        letter per window (``sleepjax/schedule.py``): S = no example is ever supervised there, W = every example
+        always is, M = it depends on the example. The trainer compiles S and W windows without per-example masks.
+        A task with a fixed loss mask derives it from one example; otherwise every window is M unless the task
+        overrides this with what its layout guarantees."""
+        window = self.window if window is None else int(window)
+        if self.fixed_loss_mask:
+            return schedule_lib.derive(self.example(0, 0, "train").loss_mask[None], window)
+        return schedule_lib.mixed(self.seq_len, window)
 
     @property
     def vocab_size(self) -> int:

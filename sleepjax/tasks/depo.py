@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from sleepjax import schedule as schedule_lib
 from sleepjax.tasks.base import Example, Task, example_rng
 
 TRAIN_N = ("weighted", "uniform")
@@ -119,6 +120,22 @@ class Depo(Task):
         # Options that change only which questions are asked stay out of the salt: the data of every setting
         # without them is unchanged, and the held-out graphs are the same with and without them.
         self._salt = "depo|" + "|".join(f"{k}={v}" for k, v in sorted(options.items()) if k not in QUESTION_ONLY)
+
+    def sleep_schedule(self, window: int | None = None) -> str:
+        """S for windows no question slot reaches, W for windows holding a position every example supervises
+        (question j's supervised span is [start + q, start + q + a] for query and answer word lengths q and a, so
+        [start + word_len_max, start + 2 * word_len_min] is supervised whatever the words), M elsewhere."""
+        window = self.window if window is None else int(window)
+        possible = np.zeros(self.seq_len, bool)
+        certain = np.zeros(self.seq_len, bool)
+        for start in self.question_starts:
+            possible[start + self.word_len_min:start + 2 * self.word_len_max + 1] = True
+            certain[start + self.word_len_max:start + 2 * self.word_len_min + 1] = True
+        count = schedule_lib.num_windows(self.seq_len, window)
+        return "".join(
+            schedule_lib.WAKE if certain[w * window:(w + 1) * window].any() else
+            schedule_lib.MIXED if possible[w * window:(w + 1) * window].any() else schedule_lib.SLEEP
+            for w in range(count))
 
     @staticmethod
     def _validate(o: Mapping[str, Any]) -> None:

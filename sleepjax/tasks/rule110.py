@@ -96,6 +96,7 @@ class Rule110(Task):
 
         self.width, self.strings, self.t, self.boundary = int(width), int(strings), int(t), boundary
         self.name = "rule110"
+        self.fixed_loss_mask = True  # the labels sit at the same positions in every example
         self.vocab = ("0", "1", "Q", "PAD")  # PAD is unused; kept so the vocab is stable
         self.window = self.width
         self.seq_len = self.strings * self.width + 1 + self.strings
