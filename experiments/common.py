@@ -52,6 +52,9 @@ flags.DEFINE_integer("steps", None, "Optimizer steps. A larger value with the wo
                      "of the run's first --steps and the added steps train at its final rate (recorded in "
                      "config.json and results.json).", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Global batch size (sequences per step).", lower_bound=1)
+flags.DEFINE_integer("grad_accum", None, "Micro-batches per optimizer step: the batch is split into this many, "
+                     "their gradients summed (the full batch's update for a fraction of its activation memory).",
+                     lower_bound=1)
 flags.DEFINE_integer("eval_every", None, "Evaluate on the held-out set every this many steps.", lower_bound=1)
 flags.DEFINE_integer("eval_size", None, "Held-out examples.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every", None, "Checkpoint every this many steps.", lower_bound=1)
@@ -100,8 +103,8 @@ flags.DEFINE_integer("warmup_eviction_steps", None, "With --eviction=sliding: tr
 flags.DEFINE_list("eval_sleep_n", None, "After training, evaluate every run's final checkpoint at each of these N "
                   "(e.g. 1,2,4,8), whatever N it was trained with: a table of accuracy per difficulty x N.")
 
-_TRAIN_FLAGS = ("steps", "batch_size", "eval_every", "eval_size", "checkpoint_every", "log_every", "optimizer",
-                "muon_lr", "adam_lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "mesh", "seed",
+_TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "eval_every", "eval_size", "checkpoint_every", "log_every",
+                "optimizer", "muon_lr", "adam_lr", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "mesh", "seed",
                 "init_from", "insert_gdn", "freeze", "freeze_steps", "warmup_eviction_steps")
 _MODEL_FLAGS = ("remat", "dtype", "ssm_rule", "gdn_backend", "attn_backend", "sleep_n", "eviction")
 

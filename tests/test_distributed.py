@@ -77,13 +77,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch_two(workdir, steps, port, env):
+def _launch_job(workdir, steps, port, env, processes=2):
+    """The Rule 110 launcher as a job of two processes (one CPU device each), or of one process (no coordinator)."""
     flags = ["--width=6", "--strings=2", "--t=1", f"--steps={steps}", "--batch_size=16", "--eval_size=16",
              "--eval_every=100000", "--checkpoint_every=4", "--log_every=1", "--sleep_n=2", "--warmup_steps=2",
-             f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+             f"--workdir={workdir}"]
     flags += [f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
+    if processes == 1:
+        return [subprocess.Popen([sys.executable, "-m", "experiments.rule110", *flags], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    flags += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
     return [subprocess.Popen([sys.executable, "-m", "experiments.rule110", *flags, f"--process_id={i}"], cwd=REPO,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(processes)]
 
 
 TWO_STEPS = 40
@@ -99,13 +105,28 @@ def _finish_two(procs, timeout=300):
 def clean_two(tmp_path_factory, launcher_env):
     """Two processes, never interrupted: the reference of the kill and preemption tests."""
     workdir = tmp_path_factory.mktemp("clean_two")
-    _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))
+    _finish_two(_launch_job(workdir, TWO_STEPS, _free_port(), launcher_env))
     return dict(params=checkpoint_params(workdir), rows=read_metrics(workdir / "metrics.jsonl"))
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path, launcher_env, clean_two):
+    """Two processes (each building its half of every global batch) end where one process feeding the whole
+    batch does: train losses and parameters to float tolerance. Catches every process feeding the same rows
+    (duplicated data, half the effective batch), rows dropped or a process's shard placed in the other's slot
+    (the other two-process tests compare a two-process run only with itself)."""
+    single = _launch_job(tmp_path, TWO_STEPS, _free_port(), launcher_env, processes=1)
+    _finish_two(single)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    two_rows = [r for r in clean_two["rows"] if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [r["step"] for r in two_rows]
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in two_rows], rtol=1e-4)
+    for a, b in zip(checkpoint_params(tmp_path), clean_two["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_two_processes_train_die_and_resume(tmp_path, launcher_env, clean_two):
     workdir = tmp_path / "run"
-    procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
+    procs = _launch_job(workdir, TWO_STEPS, _free_port(), launcher_env)
     wait_for_step(procs, workdir, 1, past_a_checkpoint=True)  # process 1 "dies" once training is past a checkpoint
     os.kill(procs[1].pid, signal.SIGKILL)
     os.kill(procs[0].pid, signal.SIGKILL)  # what a job scheduler does with the rest of a broken job
@@ -114,7 +135,7 @@ def test_two_processes_train_die_and_resume(tmp_path, launcher_env, clean_two):
     assert finished_checkpoints(workdir), "no checkpoint had finished before the kill"
     assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] < TWO_STEPS
 
-    outputs = _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))  # the same command again
+    outputs = _finish_two(_launch_job(workdir, TWO_STEPS, _free_port(), launcher_env))  # the same command again
     assert "resumed from the checkpoint at step" in outputs[0]
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == TWO_STEPS and results["devices"] == 2
@@ -127,7 +148,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_p
     """The preemption notice reaches one host; JAX's preemption sync point stops every process at the same step,
     all of them save it and exit 75, and the relaunched job is the uninterrupted one."""
     workdir = tmp_path / "run"
-    procs = _launch_two(workdir, TWO_STEPS, _free_port(), launcher_env)
+    procs = _launch_job(workdir, TWO_STEPS, _free_port(), launcher_env)
     signalled = random.randrange(2, TWO_STEPS - 10)
     wait_for_step(procs, workdir, signalled)
     os.kill(procs[1].pid, signal.SIGTERM)
@@ -138,7 +159,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(tmp_p
     assert saved >= signalled and saved in finished_checkpoints(workdir), (signalled, saved)
     assert read_metrics(workdir / "metrics.jsonl")[-1]["step"] == saved
 
-    outputs = _finish_two(_launch_two(workdir, TWO_STEPS, _free_port(), launcher_env))
+    outputs = _finish_two(_launch_job(workdir, TWO_STEPS, _free_port(), launcher_env))
     assert f"resumed from the checkpoint at step {saved}" in outputs[0]
     assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(clean_two["rows"])
     assert_bitwise_equal(checkpoint_params(workdir), clean_two["params"], f"SIGTERM near step {signalled}")
