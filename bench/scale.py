@@ -35,8 +35,8 @@ for mesh_spec in args["meshes"]:
     bs = sharding.batch_sharding(mesh)
     b = task.batch(0, 0, cfg.batch_size)
     batch = jax.device_put({"tokens": b["tokens"], "loss_mask": b["loss_mask"]}, bs)
-    step = jax.jit(lambda s, x: train_step(s, x, tx=tx), in_shardings=(shard, bs),
-                   out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0)
+    step = jax.jit(lambda s, x: train_step(s, x, tx=tx, sleep_schedule=task.sleep_schedule()),
+                   in_shardings=(shard, bs), out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
         mem = compiled.memory_analysis()

@@ -42,7 +42,8 @@ def main():
                                               remat=remat)
             tc = TrainConfig(steps=100)
             tx = make_optimizer(tc)
-            step = jax.jit(lambda s, x: train_step(s, x, tx=tx), donate_argnums=0)
+            step = jax.jit(lambda s, x: train_step(s, x, tx=tx, sleep_schedule=task.sleep_schedule()),
+                           donate_argnums=0)
             t0 = time.perf_counter()
             compiled = step.lower(jax.eval_shape(lambda: init_train_state(cfg, tc, tx)), batch).compile()
             row = {"remat": remat, "sleep_n": n, "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,

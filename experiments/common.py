@@ -232,8 +232,9 @@ def build(task_name: str, presets: dict[str, Preset], task_flags: tuple[str, ...
     if run.compute_match_n:
         from sleepjax.model import layer_passes
 
-        mask = task.batch(run.seed, 0, 8)["loss_mask"]
-        ratio = layer_passes(model_cfg.replace(sleep_n=run.compute_match_n), mask) / layer_passes(model_cfg, mask)
+        mask, schedule = task.batch(run.seed, 0, 8)["loss_mask"], task.sleep_schedule(model_cfg.window)
+        ratio = (layer_passes(model_cfg.replace(sleep_n=run.compute_match_n), mask, schedule)
+                 / layer_passes(model_cfg, mask, schedule))
         train_fields["steps"] = math.ceil(train_fields.get("steps", TrainConfig.steps) * ratio)
     return task, model_cfg, TrainConfig(**train_fields)
 
