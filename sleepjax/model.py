@@ -3,6 +3,13 @@
 Only the fast weights (every GDN layer's S, float32) cross a window boundary. A consolidation window runs the
 block stack ``sleep_n`` times, pass n consuming pass n-1's hidden states and every GDN layer continuing from the
 S the previous pass ended with; a supervised (wake) window runs it once.
+
+The decision is each example's own: an example sleeps over a window iff none of ITS positions there is
+supervised, whatever the other examples of its batch do. The passes a compiled call runs are fixed when it is
+traced by a sleep schedule (``sleepjax/schedule.py``): S windows run N passes, W windows one, M windows N passes
+with a per-example select (an example that wakes keeps its first pass). There is no data-dependent branch: a
+``lax.cond`` over passes decided for the whole batch (what earlier versions did) both woke every example with
+one supervised and, linearised, kept residuals that grew training memory with N.
 """
 
 from __future__ import annotations
