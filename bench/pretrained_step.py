@@ -13,8 +13,14 @@ default) in a temporary directory, saves it with ``save_pretrained`` (safetensor
 ``sleepjax.pretrained.load`` (one window holds the whole sequence, N = 1) and with transformers' ``from_pretrained``,
 checks both give the same loss on the batch, then times full train steps (forward, backward, AdamW update), the
 loss on every position. Timed rounds are interleaved (each round runs one step of every side, in a rotating order),
-so both sides see the same machine load; the table reports the median over rounds, after warm-up steps.
-Both sides run on ``--threads`` CPU threads (torch.set_num_threads; XLA's CPU client via its flags).
+so both sides see the same machine load; the table reports the median and the minimum over rounds, after warm-up
+steps, and each side's ratio to torch of both. Both sides run on ``--threads`` CPU threads (torch.set_num_threads;
+XLA's CPU client via its flags).
+
+On a machine shared with other jobs the median is not a speed: torch's OpenMP threads wait for each other at
+every op, so a core taken by another process slows torch far more than XLA (medians of 10-30 s against 0.65 s
+were seen for the same torch step). The table prints the load average around the timed rounds; trust medians only
+when it stays near ``--threads``, and compare minimums otherwise.
 """
 
 from __future__ import annotations
@@ -92,8 +98,8 @@ def import_torch():
     except ImportError as e:  # not sleepjax dependencies
         sys.exit(f"bench/pretrained_step.py needs torch and transformers ({e}); install them in a separate venv:\n"
                  "  python3 -m venv /work/benchvenv && /work/benchvenv/bin/pip install -e '.[test]' "
-                 "torch==2.13.0 transformers\n(or pass --no-torch to time sleepjax alone; the checkpoint is still "
-                 "written with transformers)")
+                 "torch==2.13.0 transformers\n(--no-torch still needs both: the checkpoint is built with "
+                 "transformers)")
     if not hasattr(transformers, "Qwen3_5ForCausalLM"):
         sys.exit(f"transformers {transformers.__version__} has no Qwen3_5ForCausalLM: upgrade it")
     return torch, transformers
@@ -249,12 +255,14 @@ def main(argv=None):
         for name in names:
             sides[name]()
     times = {name: [] for name in names}
+    load_before = os.getloadavg()[0]
     for r in range(args.steps):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: nobody always runs right after torch
         for name in order:
             t0 = time.perf_counter()
             sides[name]()
             times[name].append(time.perf_counter() - t0)
+    load_after = os.getloadavg()[0]
 
     shape = (f"d={args.d_model} layers={','.join(args.layers)} vocab={args.vocab} mlp={args.mlp_dim} "
              f"attn {args.attn_heads}x{args.attn_head_dim} (kv {args.attn_kv_heads}) "
@@ -262,19 +270,24 @@ def main(argv=None):
              f"tie={args.tie}; batch {args.batch} x {args.seq}, window {args.window}, N=1")
     print(f"{shape}\n{args.threads} threads; {platform.processor() or platform.machine()}; jax {jax.__version__}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}; GDN backend {cfg.gdn_backend}"
-          f"->{sleepjax.kernels.gdn.default_backend() if cfg.gdn_backend == 'auto' else cfg.gdn_backend}")
-    torch_median = statistics.median(times["transformers (torch)"]) if args.torch else None
-    print(f"{'side':28s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'vs torch':>8s} {'first s':>8s} "
-          f"{'loss0':>8s}")
+          f"->{sleepjax.kernels.gdn.default_backend() if cfg.gdn_backend == 'auto' else cfg.gdn_backend}; "
+          f"{args.steps} rounds after {args.warmup} warm-up steps; load average {load_before:.1f} -> {load_after:.1f}")
+    torch_times = times.get("transformers (torch)")
+    print(f"{'side':28s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'median/torch':>12s} {'min/torch':>9s} "
+          f"{'first s':>8s} {'loss0':>8s}")
     rows = []
     for name in names:
-        med = statistics.median(times[name])
-        ratio = med / torch_median if torch_median else float("nan")
-        print(f"{name:28s} {med:9.3f} {min(times[name]):7.3f} {max(times[name]):7.3f} {ratio:8.2f} "
+        med, low = statistics.median(times[name]), min(times[name])
+        ratio = med / statistics.median(torch_times) if torch_times else float("nan")
+        ratio_min = low / min(torch_times) if torch_times else float("nan")
+        print(f"{name:28s} {med:9.3f} {low:7.3f} {max(times[name]):7.3f} {ratio:12.2f} {ratio_min:9.2f} "
               f"{info[name]['first_step_s']:8.1f} {info[name]['initial_loss']:8.4f}")
-        rows.append({"side": name, "median_s": med, "times_s": times[name], "ratio_to_torch": ratio, **info[name]})
+        rows.append({"side": name, "median_s": med, "min_s": low, "times_s": times[name], "ratio_to_torch": ratio,
+                     "min_ratio_to_torch": ratio_min, **info[name]})
     if args.out:
         result = {"setting": shape, "args": {k: v for k, v in vars(args).items()}, "threads": args.threads,
+                  "load_average": [load_before, load_after],
+                  "sleepjax": os.path.dirname(sleepjax.__file__),
                   "versions": {"jax": jax.__version__, "torch": torch.__version__,
                                "transformers": transformers.__version__, "python": platform.python_version()},
                   "rows": rows}

@@ -97,8 +97,8 @@ MUTATIONS = [
              "sleep_layers=(lo, hi) ignored: sleep loops every layer"),
     # --- layers.py: the block pieces
     Mutation("gdn_gate_missing_a", "sleepjax/layers.py",
-             '    g = -jnp.exp(p["a_log"]) * jax.nn.softplus(xf @ p["w_a"] + p["dt_bias"])',
-             '    g = -jax.nn.softplus(xf @ p["w_a"] + p["dt_bias"])',
+             '    g = -jnp.exp(p["a_log"]) * jax.nn.softplus(a + p["dt_bias"])',
+             '    g = -jax.nn.softplus(a + p["dt_bias"])',
              ("tests/test_reference_model.py",),
              "GDN log decay without its exp(A_log) factor"),
     Mutation("gdn_key_not_normalised", "sleepjax/layers.py",

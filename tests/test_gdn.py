@@ -194,6 +194,27 @@ def test_unit_lower_inverse_correlated_keys():
     assert np.linalg.norm(np.asarray(t) - ref) / np.linalg.norm(ref) < 1e-5
 
 
+@pytest.mark.parametrize("C", [16, 37, 64])
+def test_unit_lower_inverse_gradient(C):
+    """The custom gradient (-T^T dT T^T on the strict lower triangle) against float64 autodiff of a dense inverse,
+    with correlated keys and beta near 1 (the ill-conditioned case) and a non-power-of-two size (padded)."""
+    from jax import enable_x64
+
+    rng = np.random.default_rng(C)
+    k = rng.normal(size=(2, C, 8)) + 2.0 * rng.normal(size=(2, 1, 8))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = 1.0 - 1e-3 * rng.uniform(size=(2, C, 1))
+    a = np.tril(beta * (k @ np.swapaxes(k, -1, -2)), -1)
+    cot = rng.normal(size=a.shape)
+    got = jax.jit(jax.grad(lambda x: jnp.sum(unit_lower_inverse(x) * cot)))(jnp.asarray(a, jnp.float32))
+    with enable_x64():
+        eye = jnp.eye(C, dtype=jnp.float64)
+        # Only the strict lower triangle is an input: the diagonal and above are structurally zero.
+        want = jax.grad(lambda x: jnp.sum(jnp.linalg.inv(eye + jnp.tril(x, -1)) * cot))(jnp.asarray(a, jnp.float64))
+    assert rel_err(got, np.asarray(want)) < 1e-4
+    assert np.all(np.asarray(got)[..., np.triu_indices(C)[0], np.triu_indices(C)[1]] == 0.0)
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: (a[0][0],) + a[1:], "q must have rank 4"),
     (lambda a: (a[0], a[1][:, :, :1]) + a[2:], "k must have shape"),
