@@ -229,7 +229,7 @@ def embed(params: Params, tokens):
 def unembed(params: Params, h):
     cfg = params.config
     weight = params.embed.T if cfg.tie_embeddings else params.unembed
-    return layers.norm(h, params.final_norm, cfg).astype(jnp.float32) @ weight
+    return layers.dense(layers.norm(h, params.final_norm, cfg).astype(jnp.float32), weight)
 
 
 def _mixer_indices(cfg: ModelConfig) -> list[int]:
@@ -286,7 +286,8 @@ def _select(keep, new, old):
         lambda a, b: jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, valid=None, context=None):
+def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, valid=None, context=None,
+               last: bool = False):
     """A window: the layers before ``sleep_layers`` once, ``n`` passes of the sleep layers as a ``lax.scan``
     (compile time stays flat in n), the layers after them once on the last pass's output.
 
@@ -295,6 +296,7 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     example gets exactly what running it alone would give. No branch depends on data: the passes a window costs
     are fixed when it is traced (see ``sleepjax/schedule.py``).
     ``context`` (sliding eviction): per attention layer (k, v, has_context) of the previous window.
+    ``last``: the sequence's last window (its backward follows its forward at once: one pass is not checkpointed).
     Returns (h, state, window_kv): window_kv holds every attention layer's keys/values of the WAKE pass (the first;
     sliding eviction keeps those for the next window, the one place this choice is made), () under hard eviction.
     """
@@ -313,8 +315,9 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
         return new_h, new_state, window_kv
 
     # Remat where it pays: a pass checkpoint keeps only the pass's input until the backward. Under "both" the
-    # window checkpoint already does that for a window of one pass, where a pass checkpoint would only recompute.
-    if cfg.remat == "pass" or (cfg.remat == "both" and n > 1):
+    # window checkpoint already does that for a window of one pass, and the last window's single pass is
+    # differentiated right after it runs: there a pass checkpoint would only recompute.
+    if cfg.remat in ("pass", "both") and (n > 1 or (cfg.remat == "pass" and not last)):
         one_pass = jax.checkpoint(one_pass)
 
     def body(carry, i):
@@ -401,7 +404,7 @@ def window_kv(params: Params, ctx, state: FastWeights, context=None):
     return kv
 
 
-def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, kind: str):
+def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, kind: str, last: bool = False):
     """Algorithm 1 on one window of schedule letter ``kind``: an example sleeps (N passes) iff none of its
     positions is supervised, else wakes (one pass). Returns the carry and (``head(params, h, targets)`` of the
     window's final hidden states, the passes each example ran [B])."""
@@ -412,7 +415,8 @@ def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, k
         n = 1
     elif kind == schedule_lib.MIXED:
         sleeps = ~jnp.any(loss_mask, axis=1)
-    h, state, kv = run_passes(params, embed(params, tokens), state, n, sleeps=sleeps, valid=valid, context=context)
+    h, state, kv = run_passes(params, embed(params, tokens), state, n, sleeps=sleeps, valid=valid, context=context,
+                              last=last)
     if context is not None:
         context = tuple((k, v, jnp.asarray(True)) for k, v in kv)
     passes = jnp.full(tokens.shape[:1], n, jnp.int32) if sleeps is None else jnp.where(sleeps, n, 1)
@@ -440,13 +444,12 @@ def _stats_head(params: Params, h, targets):
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, count, chunk, -1).swapaxes(0, 1)
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, count, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(params, h, targets):
         logits = unembed(params, h)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return ce, jnp.argmax(logits, axis=-1) == targets
+        return layers.softmax_cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets
 
+    if count > 1:  # one chunk's backward follows its forward at once: nothing to save by recomputing it
+        one_chunk = jax.checkpoint(one_chunk)
     ce, correct = jax.lax.map(lambda xs: one_chunk(params, *xs), (h, targets))
     return tuple(x.swapaxes(0, 1).reshape(B, count * chunk)[:, :L] for x in (ce, correct))
 
@@ -504,11 +507,13 @@ def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str 
     windows = (by_window(tokens), by_window(loss_mask), valid.reshape(num_windows, L), by_window(targets))
     carry = (state, _no_context(params, B) if cfg.eviction == "sliding" else None)
 
-    # Each run of equal schedule letters is one scan whose body runs exactly the passes its letter needs.
+    # Each run of equal schedule letters is one scan whose body runs exactly the passes its letter needs. At N = 1
+    # every letter means one pass: one scan over all windows (split scans measured 1.7x the temporaries there).
     outs = []
-    for kind, first, end in _segments(schedule):
-        window_fn = functools.partial(_window, head=head, kind=kind)
-        if cfg.remat in ("window", "both"):
+    for kind, first, end in _segments(schedule_lib.WAKE * num_windows if cfg.sleep_n == 1 else schedule):
+        last = end == num_windows and end - first == 1  # a lone last window: no checkpoint pays off there
+        window_fn = functools.partial(_window, head=head, kind=kind, last=last)
+        if cfg.remat in ("window", "both") and not last:
             window_fn = jax.checkpoint(window_fn)
         xs = tuple(x[first:end] for x in windows)
         carry, out = jax.lax.scan(lambda c, xs: window_fn(params, c, *xs), carry, xs)
