@@ -7,7 +7,7 @@ Stages, each a child process with its own timeout (a stage that hangs or fails d
                forward+backward, compile seconds (incl. the two Pallas scan kernels alone)
     fla        the same shapes with flash-linear-attention, when importable (torch)
     attention  window attention Pallas vs cuDNN at window 2048, H=16, forward and forward+backward
-    train      python -m experiments.gsm_infinite --sleep_n=8 --steps=60: steady-state tokens/s
+    train      python -m experiments.gsm_infinite --sleep_n=8 --config.train.steps=60: steady-state tokens/s
 After every stage OUT_DIR/summary.json is rewritten (stage status, seconds, results); each stage also writes its
 own JSON (bench rows after every row) and log. A short table is printed last.
 
@@ -81,12 +81,12 @@ def stage_commands(out: Path, smoke: bool) -> dict:
     if smoke:
         size = ["--seq", "64", "--head-dim", "16", "--iters", "1", "--warmup", "0"]
         gdn_heads, attn = ["--heads", "1,2"], ["--heads", "1", "--window", "16"]
-        train = ["--steps=4", "--batch_size=4", "--eval_size=8", "--log_every=1", "--eval_every=4",
-                 "--checkpoint_every=4"]
+        train = ["--config.train.steps=4", "--config.train.batch_size=4", "--config.train.eval_size=8",
+                 "--config.train.log_every=1", "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
     else:
         size = ["--seq", "8192", "--head-dim", "128", "--iters", "10", "--warmup", "2"]
         gdn_heads, attn = ["--heads", "16,96"], ["--heads", "16", "--window", "2048"]
-        train = ["--steps=60", "--log_every=10"]
+        train = ["--config.train.steps=60", "--config.train.log_every=10"]
     return {
         "env": ([py, "-c", ENV_SCRIPT], {}),
         "tests": ([py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests/test_kernels_on_device.py",

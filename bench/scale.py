@@ -18,25 +18,26 @@ import sys
 _CHILD = r"""
 import json, sys, time, jax, numpy as np
 import sleepjax
-from sleepjax import sharding, tasks
+from experiments.configs.common import SIZES
+from sleepjax import mesh as mesh_lib, tasks
 from sleepjax.train import TrainConfig, init_train_state, make_optimizer, train_state_shardings, train_step
 args = json.loads(sys.argv[1])
 task = tasks.get("rule110", width=24, strings=4, t=4)
-model_cfg = sleepjax.ModelConfig.preset(args["model"], vocab_size=task.vocab_size, window=task.window,
-                                        sleep_n=args["sleep_n"])
+model_cfg = sleepjax.ModelConfig(**SIZES[args["model"]], vocab_size=task.vocab_size, window=task.window,
+                                 sleep_n=args["sleep_n"])
 out = []
 for mesh_spec in args["meshes"]:
     cfg = TrainConfig(steps=100, batch_size=args["batch_size"], mesh=mesh_spec)
-    mesh = sharding.make_mesh(mesh_spec)
+    mesh = mesh_lib.make_mesh(mesh_spec)
     tx = make_optimizer(cfg)
     abstract = jax.eval_shape(lambda: init_train_state(model_cfg, cfg, tx))
     shard = train_state_shardings(abstract, model_cfg, mesh)
     state = jax.jit(lambda: init_train_state(model_cfg, cfg, tx), out_shardings=shard)()
-    bs = sharding.batch_sharding(mesh)
+    bs = mesh_lib.batch_sharding(mesh)
     b = task.batch(0, 0, cfg.batch_size)
     batch = jax.device_put({"tokens": b["tokens"], "loss_mask": b["loss_mask"]}, bs)
     step = jax.jit(lambda s, x: train_step(s, x, tx=tx, sleep_schedule=task.sleep_schedule()),
-                   in_shardings=(shard, bs), out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=0)
+                   in_shardings=(shard, bs), out_shardings=(shard, mesh_lib.replicated(mesh)), donate_argnums=0)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
         mem = compiled.memory_analysis()
@@ -59,7 +60,7 @@ print("RESULT" + json.dumps(out))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", default="1,2,4,8")
-    ap.add_argument("--model", default="paper")
+    ap.add_argument("--model", default="paper", help="a model size of experiments/configs/common.py")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--sleep_n", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)

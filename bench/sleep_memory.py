@@ -1,7 +1,7 @@
 """Peak training memory and step time of the sleep loop across N and remat policies (XLA's compiled memory
 analysis: temporaries of one train step; parameters/optimizer state are the same for every N).
 
-    python bench/sleep_memory.py                                   # Depo tiny preset, batch 32, N = 1, 4, 8
+    python bench/sleep_memory.py                                   # Depo tiny_k4's task, batch 32, N = 1, 4, 8
     python bench/sleep_memory.py --remat=pass,both --sleep_n=1,8 --time_steps=5 --json=/tmp/mem.json
 
 ``remat="both"`` (a checkpoint around every window AND every pass) keeps, per window, only the carry at the
@@ -16,6 +16,7 @@ import time
 import jax
 
 import sleepjax
+from experiments.configs.common import SIZES, task_options
 from sleepjax import tasks
 from sleepjax.train import TrainConfig, init_train_state, make_optimizer, train_step
 
@@ -23,23 +24,23 @@ from sleepjax.train import TrainConfig, init_train_state, make_optimizer, train_
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="depo")
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--preset", default="tiny_k4", help="a preset of experiments/configs/<task>.py: its task")
+    ap.add_argument("--model", default="tiny", help="a model size of experiments/configs/common.py")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--sleep_n", default="1,4,8")
     ap.add_argument("--remat", default="pass,both")
     ap.add_argument("--time_steps", type=int, default=0, help="also time this many steps (0: memory only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    task = tasks.get(args.task, preset=args.preset)
+    task = tasks.get(args.task, **task_options(args.task, args.preset))
     b = task.batch(0, 0, args.batch_size)
     batch = {"tokens": b["tokens"], "loss_mask": b["loss_mask"]}
     rows = []
     print(f"{args.task}/{args.preset}, model {args.model}, batch {args.batch_size}, device {jax.devices()[0].device_kind}")
     for remat in args.remat.split(","):
         for n in map(int, args.sleep_n.split(",")):
-            cfg = sleepjax.ModelConfig.preset(args.model, vocab_size=task.vocab_size, window=task.window, sleep_n=n,
-                                              remat=remat)
+            cfg = sleepjax.ModelConfig(**SIZES[args.model], vocab_size=task.vocab_size, window=task.window, sleep_n=n,
+                                       remat=remat)
             tc = TrainConfig(steps=100)
             tx = make_optimizer(tc)
             step = jax.jit(lambda s, x: train_step(s, x, tx=tx, sleep_schedule=task.sleep_schedule()),

@@ -3,7 +3,7 @@ each batch runs through the model as the trainer runs it (the task's declared sc
 the passes the model reports are counted (``model.sleep_counts``). A small model: the decision does not depend on
 the weights.
 
-    python bench/slept_fraction.py --task=gsm_infinite --task_options='{"preset": "paper"}' --batches=4 --batch_size=256
+    python bench/slept_fraction.py --task=gsm_infinite --preset=paper --batches=4 --batch_size=256
 """
 
 import argparse
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 import sleepjax
+from experiments.configs.common import task_options
 from sleepjax import model as model_lib
 from sleepjax import schedule as schedule_lib
 from sleepjax import tasks
@@ -23,23 +24,24 @@ from sleepjax.train import TrainConfig
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="gsm_infinite")
-    ap.add_argument("--task_options", default='{"preset": "paper"}', help="JSON of the task's options")
+    ap.add_argument("--preset", default="paper", help="a preset of experiments/configs/<task>.py: its task")
+    ap.add_argument("--task_options", default="{}", help="JSON of task options that replace the preset's")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--sleep_n", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    task = tasks.get(args.task, **json.loads(args.task_options))
-    cfg = sleepjax.ModelConfig.preset("tiny", vocab_size=task.vocab_size, window=task.window, sleep_n=args.sleep_n,
-                                      d_model=16, layers=("attn", "gdn"), attn_heads=1, attn_kv_heads=1,
-                                      attn_head_dim=8, gdn_heads=1, gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8,
-                                      mlp_dim=16)
+    task = tasks.get(args.task, **{**task_options(args.task, args.preset), **json.loads(args.task_options)})
+    cfg = sleepjax.ModelConfig(vocab_size=task.vocab_size, window=task.window, sleep_n=args.sleep_n, d_model=16,
+                               layers=("attn", "gdn"), attn_heads=1, attn_kv_heads=1, attn_head_dim=8, gdn_heads=1,
+                               gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8, mlp_dim=16)
     params = sleepjax.init(cfg, jax.random.PRNGKey(0))
     declared = task.sleep_schedule(cfg.window)
     stats = jax.jit(lambda p, t, m, s: model_lib.token_stats(p, t, m, schedule=s, return_passes=True)[3],
                     static_argnums=3)
-    print(f"{args.task} {args.task_options}: seq_len {task.seq_len}, window {task.window}, declared schedule "
+    print(f"{args.task} {args.preset} {args.task_options}: seq_len {task.seq_len}, window {task.window}, "
+          f"declared schedule "
           f"{declared}, N = {args.sleep_n}", flush=True)
     out = {}
     for split, seed in (("train", args.seed), ("test", TrainConfig.eval_seed)):

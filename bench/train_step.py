@@ -1,8 +1,8 @@
 """Seconds per training step of a task across N, GDN backend and remat policy (CPU or GPU), beside the FLOP
 ratio the sleep schedule implies (``model.layer_passes``): the step at N costs what its schedule says.
 
-    python bench/train_step.py --task=depo --task_options='{"preset": "cpu", "max_hops": 2, "distinct_questions": "test"}' \
-        --layers=attn,gdn --batch_size=16 --sleep_n=1,4 --remat=pass       # the README's main job (Depo tiny)
+    python bench/train_step.py --task=depo --preset=tiny --layers=attn,gdn --batch_size=16 --sleep_n=1,4 \
+        --remat=pass                                                        # the README's main job (Depo tiny)
     python bench/train_step.py --task=depo --sleep_n=1,4 --backends=chunked,recurrent --remat=none,pass
 
 Every configuration is compiled first; then the timed steps go round the configurations in turn (``--rounds`` of
@@ -18,6 +18,7 @@ import time
 import jax
 
 import sleepjax
+from experiments.configs.common import SIZES, task_options
 from sleepjax import model as model_lib
 from sleepjax import tasks
 from sleepjax.train import TrainConfig, init_train_state, make_optimizer, train_step
@@ -26,9 +27,10 @@ from sleepjax.train import TrainConfig, init_train_state, make_optimizer, train_
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="depo")
-    ap.add_argument("--task_options", default='{"preset": "cpu"}', help="JSON of the task's options")
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--layers", default=None, help="comma-separated layer kinds (default: the model preset's)")
+    ap.add_argument("--preset", default="tiny_k4", help="a preset of experiments/configs/<task>.py: its task")
+    ap.add_argument("--task_options", default="{}", help="JSON of task options that replace the preset's")
+    ap.add_argument("--model", default="tiny", help="a model size of experiments/configs/common.py")
+    ap.add_argument("--layers", default=None, help="comma-separated layer kinds (default: the model size's)")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--sleep_n", default="1,4")
     ap.add_argument("--backends", default="auto")
@@ -37,18 +39,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    task = tasks.get(args.task, **json.loads(args.task_options))
+    task = tasks.get(args.task, **{**task_options(args.task, args.preset), **json.loads(args.task_options)})
     batch = task.batch(0, 0, args.batch_size)
     batch = {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"]}
     schedule = task.sleep_schedule()
-    print(f"{args.task} {args.task_options}: seq_len {task.seq_len}, window {task.window}, schedule {schedule}, "
+    print(f"{args.task} {args.preset} {args.task_options}: seq_len {task.seq_len}, window {task.window}, "
+          f"schedule {schedule}, "
           f"batch {args.batch_size}, device {jax.devices()[0].device_kind}")
     overrides = {"layers": tuple(args.layers.split(","))} if args.layers else {}
     runs = []
     for n, backend, remat in itertools.product(args.sleep_n.split(","), args.backends.split(","),
                                                args.remat.split(",")):
-        cfg = sleepjax.ModelConfig.preset(args.model, vocab_size=task.vocab_size, window=task.window,
-                                          sleep_n=int(n), gdn_backend=backend, remat=remat, **overrides)
+        cfg = sleepjax.ModelConfig(**{**SIZES[args.model], **overrides}, vocab_size=task.vocab_size,
+                                   window=task.window, sleep_n=int(n), gdn_backend=backend, remat=remat)
         tc = TrainConfig(steps=100)
         tx = make_optimizer(tc)
         step = jax.jit(lambda s, b, tx=tx: train_step(s, b, tx=tx, sleep_schedule=schedule), donate_argnums=0)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sleepjax
+from experiments.configs.common import SIZES
 
 
 def time_steps(step, params, stream, tokens):
@@ -32,8 +33,8 @@ def time_steps(step, params, stream, tokens):
 
 
 def sleepjax_latency(args, positions):
-    cfg = sleepjax.ModelConfig.preset(args.config, vocab_size=256, window=args.window, sleep_n=args.sleep_n,
-                                      eviction=args.eviction)
+    cfg = sleepjax.ModelConfig(**SIZES[args.config], vocab_size=256, window=args.window, sleep_n=args.sleep_n,
+                               eviction=args.eviction)
     params = sleepjax.init(cfg, jax.random.PRNGKey(0))
     step = jax.jit(sleepjax.stream_step)
     stream = sleepjax.stream_init(params, args.batch)
@@ -48,8 +49,9 @@ def sleepjax_latency(args, positions):
 
 def full_cache_latency(args, position):
     """An attention-only model whose KV cache holds all ``position`` previous tokens (window = position + 1)."""
-    cfg = sleepjax.ModelConfig.preset(args.config, vocab_size=256, window=position + args.sample + 1, sleep_n=1,
-                                      layers=("attn",) * len(sleepjax.ModelConfig.preset(args.config).layers))
+    layers = len(sleepjax.ModelConfig(**SIZES[args.config]).layers)
+    cfg = sleepjax.ModelConfig(**{**SIZES[args.config], "layers": ("attn",) * layers}, vocab_size=256,
+                               window=position + args.sample + 1, sleep_n=1)
     params = sleepjax.init(cfg, jax.random.PRNGKey(0))
     stream = sleepjax.stream_init(params, args.batch)
     kv = tuple((jax.random.normal(jax.random.PRNGKey(i), k.shape, k.dtype), v) for i, (k, v) in
@@ -64,7 +66,7 @@ def full_cache_latency(args, position):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="tiny")
+    ap.add_argument("--config", default="tiny", help="a model size of experiments/configs/common.py")
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--sleep_n", type=int, default=4)
     ap.add_argument("--batch", type=int, default=1)

@@ -2,7 +2,7 @@
 
 Layout (imports flow downwards only):
     gdn.py, attention.py            public entry points and backend dispatch (names: backends.py)
-    sharding.py                     shard_map wrappers for meshes
+    sharding.py                     shard_map wrappers for meshes (the mesh itself: sleepjax/mesh.py)
     gdn_pallas.py                   GDN with the Pallas state scan (validation, block sizes)
     gdn_chunked.py, gdn_scan.py     the chunked GDN algorithm in XLA and its state scan (custom VJP)
     gdn_reference.py                token recurrence (the oracle) and decode step
@@ -11,7 +11,8 @@ Layout (imports flow downwards only):
     gdn_scan_gpu.py, attention_gpu.py    GPU (Pallas Triton) kernels
     gdn_scan_tpu.py, attention_tpu.py    TPU (Mosaic) kernels
     attention_blocks.py             per-block attention math shared by the GPU and TPU kernels
-    backends.py, _checks.py, _matmul.py, _pallas_util.py    backend names, input checks, matmul precision, Pallas
+    backends.py, _checks.py         backend and platform names (``auto``), input checks
+    _matmul.py, _pallas_util.py     the float32-accumulating dot (XLA and in-kernel), Pallas wrapper helpers
 """
 
 from .attention import cached_attention_step, window_attention

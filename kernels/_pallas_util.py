@@ -1,5 +1,5 @@
-"""Helpers shared by the Pallas wrappers: platform and interpret-mode resolution, the Triton lowering's
-availability, power-of-two padding."""
+"""Helpers shared by the Pallas wrappers: interpret-mode resolution, the Triton lowering's availability,
+power-of-two padding. (Platform names are resolved by ``backends.platform_kind``.)"""
 
 from __future__ import annotations
 
@@ -31,16 +31,6 @@ def triton_params(num_warps: int, num_stages: int):
         raise RuntimeError("this JAX has no Pallas Triton lowering (jax.experimental.pallas.triton); the GPU Pallas "
                            "kernels need it: use backend='chunked'/'xla' (GDN) or 'cudnn'/'xla' (attention)")
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def resolve_platform(platform: str | None) -> str:
-    """'gpu' or 'tpu' wrapper for a platform name (None: the default backend; CPU runs the GPU wrapper)."""
-    name = platform or jax.default_backend()
-    if name in ("gpu", "cuda", "rocm", "cpu"):
-        return "gpu"
-    if name == "tpu":
-        return "tpu"
-    raise ValueError(f"platform must be one of 'gpu', 'cuda', 'rocm', 'tpu', 'cpu' or None, got {platform!r}")
 
 
 def resolve_interpret(interpret, wrapper: str, platform: str | None):

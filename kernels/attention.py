@@ -1,18 +1,19 @@
 """Window-local causal attention: the public entry points and backend dispatch.
 
-Implementations: ``attention_xla.py`` (XLA reference, cached one-query step, the cuDNN call),
-``attention_pallas.py`` (flash kernels). Backend names and how ``"auto"`` is resolved: ``backends.py``.
+Implementations: ``attention_xla.py`` (XLA reference, cached one-query step, the cuDNN call; the one path that
+also takes the previous window's keys, sliding eviction's context), ``attention_pallas.py`` (flash kernels).
+Backend names and how ``"auto"`` is resolved: ``backends.py``.
 """
 
 from __future__ import annotations
 
 from . import _checks, backends
-from .attention_pallas import window_attention_pallas
+from .attention_pallas import BACKWARDS, window_attention_pallas
 from .attention_xla import attention_mask, cached_attention_step, cudnn_window_attention, xla_window_attention
 
 BACKENDS = backends.ATTENTION_BACKENDS
 
-__all__ = ["BACKENDS", "window_attention", "cached_attention_step", "xla_window_attention",
+__all__ = ["BACKENDS", "BACKWARDS", "window_attention", "cached_attention_step", "xla_window_attention",
            "cudnn_window_attention", "window_attention_pallas", "attention_mask", "default_backend"]
 
 
@@ -21,14 +22,17 @@ def default_backend(platform: str | None = None, *, dtype="bfloat16", head_dim: 
     return backends.resolve_attention_backend("auto", dtype=dtype, head_dim=head_dim, platform=platform)
 
 
-def window_attention(q, k, v, *, scale=None, sliding_window=None, backend="auto"):
+def window_attention(q, k, v, *, scale=None, sliding_window=None, backend="auto", backward="pallas"):
     """Causal softmax attention within one window.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] (H % Hkv == 0); scale defaults to D**-0.5; sliding_window=w limits
     each query to the last w keys (itself included). Returns [B, T, H, D] in q's dtype.
-    backend: one of ``BACKENDS`` (see ``backends.py``).
+    backend: one of ``BACKENDS`` (see ``backends.py``). backward: the Pallas path's gradient, one of
+    ``attention_pallas.BACKWARDS`` ("pallas" kernels, or "xla": autodiff of the XLA attention); the other
+    backends' gradients are their own.
     """
     _checks.check_attention_inputs(q, k, v, sliding_window)
+    _checks.require_choice("backward", backward, BACKWARDS)
     chosen = backends.resolve_attention_backend(backend, dtype=q.dtype, head_dim=q.shape[-1])
     if chosen == "cudnn":
         try:
@@ -41,4 +45,4 @@ def window_attention(q, k, v, *, scale=None, sliding_window=None, backend="auto"
             chosen = backends.attention_fallback()
     if chosen == "xla":
         return xla_window_attention(q, k, v, scale=scale, sliding_window=sliding_window)
-    return window_attention_pallas(q, k, v, scale=scale, sliding_window=sliding_window)
+    return window_attention_pallas(q, k, v, scale=scale, sliding_window=sliding_window, backward=backward)

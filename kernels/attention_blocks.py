@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ._matmul import dot
+
 F32 = jnp.float32
 NEG = -1e30  # finite "minus infinity" for masked scores and the initial running max
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": lax.Precision.DEFAULT}
@@ -97,17 +99,8 @@ def block_mask(q_start, k_start, bq: int, bk: int, cfg: Config):
 
 
 def scores(q, k, mask, cfg: Config):
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=cfg.prec, preferred_element_type=F32)
+    s = dot("qd,kd->qk", q, k, precision=cfg.prec, accumulate=F32)
     return jnp.where(mask, s * cfg.scale, NEG)
-
-
-def dot(a, b, cfg, ta=False):
-    dims = (((0,), (0,)), ((), ())) if ta else (((1,), (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=cfg.prec, preferred_element_type=F32)
-
-
-def dot_nt(a, b, cfg):
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=cfg.prec, preferred_element_type=F32)
 
 
 def online_softmax_step(q, k, v, m, l, acc, mask, cfg: Config):
@@ -116,7 +109,7 @@ def online_softmax_step(q, k, v, m, l, acc, mask, cfg: Config):
     alpha = jnp.exp(m - m_new)
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
     l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + dot(p.astype(v.dtype), v, cfg)
+    acc = alpha * acc + dot("qk,kd->qd", p.astype(v.dtype), v, precision=cfg.prec, accumulate=F32)
     return m_new, l, acc
 
 
@@ -130,6 +123,6 @@ def finalize(m, l, acc):
 def probs_and_dscores(q, k, v, do, lse, delta, mask, cfg: Config):
     s = scores(q, k, mask, cfg)
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)
-    dp = dot_nt(do, v, cfg)
+    dp = dot("qd,kd->qk", do, v, precision=cfg.prec, accumulate=F32)
     ds = p * (dp - delta)
     return p, ds

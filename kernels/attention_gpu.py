@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ._matmul import dot
 from ._pallas_util import triton_params
-from .attention_blocks import (F32, NEG, Config, block_mask, dot, finalize, key_range, online_softmax_step,
+from .attention_blocks import (F32, NEG, Config, block_mask, finalize, key_range, online_softmax_step,
                                probs_and_dscores, query_range)
 
 
@@ -54,8 +55,8 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref
             q, do = q_ref[rows, j, :], do_ref[rows, j, :]
             mask = block_mask(q_start, k_start, bq, bk, cfg)
             p, ds = probs_and_dscores(q, k, v, do, lse_ref[j, rows, :], dl_ref[j, rows, :], mask, cfg)
-            dv = dv + dot(p.astype(do.dtype), do, cfg, ta=True)
-            dk = dk + dot(ds.astype(q.dtype), q, cfg, ta=True)
+            dv = dv + dot("qk,qd->kd", p.astype(do.dtype), do, precision=cfg.prec, accumulate=F32)
+            dk = dk + dot("qk,qd->kd", ds.astype(q.dtype), q, precision=cfg.prec, accumulate=F32)
             return dk, dv
 
         return lax.fori_loop(lo, hi, body, carry)
@@ -76,7 +77,7 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, *, cfg:
         k = k_ref[pl.ds(k_start, bk), :]
         mask = block_mask(q_start, k_start, bq, bk, cfg)
         _, ds = probs_and_dscores(q, k, v_ref[pl.ds(k_start, bk), :], do, lse, delta, mask, cfg)
-        return dq + dot(ds.astype(k.dtype), k, cfg)
+        return dq + dot("qk,kd->qd", ds.astype(k.dtype), k, precision=cfg.prec, accumulate=F32)
 
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, F32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)

@@ -10,7 +10,9 @@ KV head, accumulating over the query heads of its group and the valid query bloc
 saves the log-sum-exp (float32, [B, H, T, 1]) for the backward. The kernels themselves are in
 ``attention_gpu.py`` (GPU reads the model's [B, T, H, D] layout directly) and ``attention_tpu.py`` (TPU gets
 [B, H, T, D]: time second-minor). T is padded to the block size and D to a power of two >= 16 with zeros (exact:
-padded keys are masked, padded dims add 0 to q.k).
+padded keys are masked, padded dims add 0 to q.k). ``backward="xla"`` keeps the forward kernel and swaps the
+backward kernels for XLA autodiff of ``attention_xla.xla_window_attention`` (recomputed from q, k, v), as
+``gdn_pallas``'s ``backward="xla"`` does for the GDN reverse scan (debugging, or where the backward kernels fail).
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, attention_gpu, attention_tpu
-from ._pallas_util import next_pow2, pad_dim, resolve_interpret, resolve_platform, triton_available
+from ._pallas_util import next_pow2, pad_dim, resolve_interpret, triton_available
 from .attention_blocks import F32, PRECISIONS, Config
+from .attention_xla import xla_window_attention
+from .backends import platform_kind
+
+BACKWARDS = ("pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +111,19 @@ def _resolve_blocks(wrapper: str, block_sizes, T: int):
 
 
 def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_sizes=None, interpret=None,
-                            platform=None):
+                            platform=None, backward="pallas"):
     """Causal (optionally sliding-window) attention within one window with Pallas kernels.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] (H % Hkv == 0). Returns [B, T, H, D] in q's dtype; differentiable in
-    q, k, v (custom VJP with Pallas backward kernels). platform: 'gpu'/'cuda'/'rocm' (Triton), 'tpu' (Mosaic),
-    'cpu' (GPU wrapper, interpreted) or None (default backend); interpret defaults to True on a CPU-only JAX
-    (a ``pltpu.InterpretParams`` selects the TPU-faithful interpreter for the TPU wrapper).
-    scale must be a Python number.
+    q, k, v (custom VJP). platform: 'gpu'/'cuda'/'rocm' (Triton), 'tpu' (Mosaic), 'cpu' (GPU wrapper,
+    interpreted) or None (default backend); interpret defaults to True on a CPU-only JAX (a
+    ``pltpu.InterpretParams`` selects the TPU-faithful interpreter for the TPU wrapper). scale must be a Python
+    number. backward: one of ``BACKWARDS``: "pallas" (the dK/dV and dQ kernels) or "xla" (XLA autodiff of
+    ``xla_window_attention``, recomputing the scores; matmuls at ``block_sizes.precision``).
     """
     _checks.check_attention_inputs(q, k, v, sliding_window)
-    wrapper = resolve_platform(platform)
+    _checks.require_choice("backward", backward, BACKWARDS)
+    wrapper = "tpu" if platform_kind(platform) == "tpu" else "gpu"  # CPU interprets the GPU kernels
     interpret = resolve_interpret(interpret, wrapper, platform)
     if wrapper == "gpu" and interpret is False and not triton_available():
         raise RuntimeError("window_attention(backend='pallas') on GPU needs the Pallas Triton lowering, which this "
@@ -129,7 +137,10 @@ def window_attention_pallas(q, k, v, *, scale=None, sliding_window=None, block_s
                  bk_dkv=blocks["block_k_dkv"], bq_dq=blocks["block_q_dq"], bk_dq=blocks["block_k_dq"],
                  num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
                  vmem_limit_bytes=block_sizes.vmem_limit_bytes, precision=block_sizes.precision)
-    return _window_attention(cfg, -(-T // max(blocks.values())) * max(blocks.values()), q, k, v)
+    Tp = -(-T // max(blocks.values())) * max(blocks.values())
+    if backward == "xla":
+        return _pallas_forward_xla_backward(cfg, Tp, q, k, v)
+    return _window_attention(cfg, Tp, q, k, v)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -145,3 +156,23 @@ def _window_attention(cfg: Config, Tp: int, q, k, v):
     if cfg.platform == "tpu":
         o = jnp.swapaxes(o, 1, 2)
     return o[:, :T, :, :D]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _pallas_forward_xla_backward(cfg: Config, Tp: int, q, k, v):
+    """``backward="xla"``: the Pallas forward; the gradient is XLA autodiff of ``xla_window_attention``."""
+    return _window_attention(cfg, Tp, q, k, v)
+
+
+def _pfxb_fwd(cfg, Tp, q, k, v):
+    return _window_attention(cfg, Tp, q, k, v), (q, k, v)
+
+
+def _pfxb_bwd(cfg, Tp, res, do):
+    with jax.default_matmul_precision(cfg.precision):
+        _, vjp = jax.vjp(lambda q, k, v: xla_window_attention(q, k, v, scale=cfg.scale, sliding_window=cfg.window),
+                         *res)
+        return vjp(do)
+
+
+_pallas_forward_xla_backward.defvjp(_pfxb_fwd, _pfxb_bwd)

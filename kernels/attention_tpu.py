@@ -16,7 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .attention_blocks import (F32, NEG, Config, block_mask, dot, finalize, key_range, max_band,
+from ._matmul import dot
+from .attention_blocks import (F32, NEG, Config, block_mask, finalize, key_range, max_band,
                                online_softmax_step, probs_and_dscores, query_range)
 
 
@@ -65,8 +66,8 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref
         q, do = q_ref[...], do_ref[...]
         mask = block_mask((lo + i) * bq, k_start, bq, bk, cfg)
         p, ds = probs_and_dscores(q, k_ref[...], v_ref[...], do, lse_ref[...], dl_ref[...], mask, cfg)
-        dv_scr[...] += dot(p.astype(do.dtype), do, cfg, ta=True)
-        dk_scr[...] += dot(ds.astype(q.dtype), q, cfg, ta=True)
+        dv_scr[...] += dot("qk,qd->kd", p.astype(do.dtype), do, precision=cfg.prec, accumulate=F32)
+        dk_scr[...] += dot("qk,qd->kd", ds.astype(q.dtype), q, precision=cfg.prec, accumulate=F32)
 
     @pl.when((j == r - 1) & (i == nq - 1))
     def _():
@@ -89,7 +90,7 @@ def _tpu_dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref, dq_scr,
         k = k_ref[...]
         mask = block_mask(q_start, (lo + j) * bk, bq, bk, cfg)
         _, ds = probs_and_dscores(q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], dl_ref[...], mask, cfg)
-        dq_scr[...] += dot(ds.astype(k.dtype), k, cfg)
+        dq_scr[...] += dot("qk,kd->qd", ds.astype(k.dtype), k, precision=cfg.prec, accumulate=F32)
 
     @pl.when(j == nk - 1)
     def _():

@@ -10,11 +10,16 @@ Window attention (``attention.window_attention``):
     "pallas"     flash attention kernels (Triton on GPU, Mosaic on TPU)
     "cudnn"      ``jax.nn.dot_product_attention(implementation="cudnn")`` (CUDA GPUs, bf16/fp16 only)
 
-``auto`` picks, per platform, the fastest path that has been MEASURED correct and fast there. Until
-``bench/gpu_check.sh`` measures the GDN Pallas path faster than chunked XLA on a GPU, a GPU gets "chunked" (bf16
-matmul operands with float32 accumulation when the inputs are bf16); attention gets cuDNN where it supports the
-call and Pallas otherwise. Flip the ``*_MEASURED_FASTER`` constants below only with a measured table in
-BENCHMARKS.md.
+``auto`` picks, per platform, the fastest path that has been MEASURED correct and fast there; GPUs and TPUs follow
+the same rule: a Pallas path is preferred only once a run on that platform measured it faster.
+    CPU   GDN "xla"; attention "xla".
+    GPU   GDN "chunked" (bf16 matmul operands with float32 accumulation when the inputs are bf16) until
+          ``bench/gpu_check.sh`` measures the Pallas path faster (``GPU_GDN_PALLAS_MEASURED_FASTER``); attention
+          cuDNN where it supports the call (unless ``GPU_ATTENTION_PALLAS_MEASURED_FASTER``), else Pallas
+          (``attention_fallback``).
+    TPU   GDN "chunked" and attention "xla" (there is no cuDNN) until a TPU run measures the Pallas paths faster
+          (``TPU_GDN_PALLAS_MEASURED_FASTER``, ``TPU_ATTENTION_PALLAS_MEASURED_FASTER``).
+Flip the ``*_MEASURED_FASTER`` constants below only with a measured table in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cudnn")
 # Set to True only once a GPU run of bench/gpu_check.sh has measured the Pallas path faster (BENCHMARKS.md).
 GPU_GDN_PALLAS_MEASURED_FASTER = False
 GPU_ATTENTION_PALLAS_MEASURED_FASTER = False
+# The same for TPU runs (Mosaic kernels): until then auto runs the XLA paths there.
+TPU_GDN_PALLAS_MEASURED_FASTER = False
+TPU_ATTENTION_PALLAS_MEASURED_FASTER = False
 
 _warned: set[str] = set()
 
@@ -54,9 +62,9 @@ def platform_kind(platform: str | None = None) -> str:
 
 
 def resolve_gdn_backend(backend: str, platform: str | None = None) -> str:
-    """The concrete GDN backend for ``backend`` on ``platform``: CPU "xla"; TPU "pallas"; GPU "chunked" until
-    the Pallas path is measured faster there (then "pallas", or "chunked" with one warning if this JAX lacks
-    the Triton lowering)."""
+    """The concrete GDN backend for ``backend`` on ``platform``: CPU "xla"; GPU and TPU "chunked" until the
+    Pallas path is measured faster there (then "pallas"; on GPU "chunked" with one warning if this JAX lacks the
+    Triton lowering)."""
     _checks.require_choice("backend", backend, GDN_BACKENDS)
     if backend != "auto":
         return backend
@@ -64,7 +72,7 @@ def resolve_gdn_backend(backend: str, platform: str | None = None) -> str:
     if kind == "cpu":
         return "xla"
     if kind == "tpu":
-        return "pallas"
+        return "pallas" if TPU_GDN_PALLAS_MEASURED_FASTER else "chunked"
     if not GPU_GDN_PALLAS_MEASURED_FASTER:
         return "chunked"
     if triton_available():
@@ -91,8 +99,9 @@ def attention_fallback(platform: str | None = None) -> str:
 
 
 def resolve_attention_backend(backend: str, *, dtype, head_dim: int, platform: str | None = None) -> str:
-    """The concrete attention backend: CPU "xla"; TPU "pallas"; GPU "cudnn" where ``cudnn_supports`` (unless
-    Pallas is measured faster), else ``attention_fallback``."""
+    """The concrete attention backend: CPU "xla"; TPU "xla" until Pallas is measured faster there (then
+    "pallas"); GPU "cudnn" where ``cudnn_supports`` (unless Pallas is measured faster), else
+    ``attention_fallback``."""
     _checks.require_choice("backend", backend, ATTENTION_BACKENDS)
     if backend != "auto":
         return backend
@@ -100,7 +109,7 @@ def resolve_attention_backend(backend: str, *, dtype, head_dim: int, platform: s
     if kind == "cpu":
         return "xla"
     if kind == "tpu":
-        return "pallas"
+        return "pallas" if TPU_ATTENTION_PALLAS_MEASURED_FASTER else "xla"
     if not GPU_ATTENTION_PALLAS_MEASURED_FASTER and cudnn_supports(dtype, head_dim):
         return "cudnn"
     return attention_fallback(platform)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from . import _checks
-from ._pallas_util import pad_dim, resolve_interpret, resolve_platform, triton_available
+from ._pallas_util import pad_dim, resolve_interpret, triton_available
+from .backends import platform_kind
 from .gdn_chunked import chunked_gated_delta_rule
 from .gdn_scan import ScanConfig
 
@@ -70,7 +71,7 @@ def scan_config(*, use_delta: bool, value_head_dim: int, block_sizes=None, inter
                 backward="pallas") -> ScanConfig:
     """The validated Pallas ``ScanConfig`` for one call."""
     _checks.require_choice("backward", backward, BACKWARDS)
-    wrapper = resolve_platform(platform)
+    wrapper = "tpu" if platform_kind(platform) == "tpu" else "gpu"  # CPU interprets the GPU kernels
     interpret = resolve_interpret(interpret, wrapper, platform)
     block_sizes = GDNBlockSizes() if block_sizes is None else block_sizes
     bv = _block_v(wrapper, block_sizes, pad_dim(value_head_dim))

@@ -20,17 +20,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ._matmul import dot
 from ._pallas_util import triton_params
 
 F32 = jnp.float32
-
-
-def _dot(a, b, transpose_a: bool = False):
-    """a @ b (or a^T @ b) with float32 accumulation: bf16 operands run on tensor cores, float32 ones in IEEE
-    float32 (Precision.HIGHEST: no TF32)."""
-    dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (0,)), ((), ()))
-    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
 
 def _gate(g_ref, rows):
@@ -50,11 +43,11 @@ def _forward_kernel(*refs, n: int, chunk: int, use_delta: bool):
         S_op = S.astype(op)
         st_ref[c] = S_op
         if use_delta:
-            vn = (u_ref[rows, :].astype(F32) - _dot(w_ref[rows, :], S_op)).astype(op)
+            vn = (u_ref[rows, :].astype(F32) - dot("ck,kv->cv", w_ref[rows, :], S_op)).astype(op)
             vn_ref[rows, :] = vn
         else:
             vn = u_ref[rows, :]
-        return _gate(g_ref, rows) * S + _dot(kd_ref[rows, :], vn, transpose_a=True)
+        return _gate(g_ref, rows) * S + dot("ck,cv->kv", kd_ref[rows, :], vn)
 
     sT_ref[...] = lax.fori_loop(0, n, body, s0_ref[...])
 
@@ -71,11 +64,11 @@ def _reverse_kernel(*refs, n: int, chunk: int, use_delta: bool):
         rows = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
         X_op = X.astype(op)
         dh_ref[c] = X_op
-        dvn = (dvin_ref[rows, :].astype(F32) + _dot(kd_ref[rows, :], X_op)).astype(op)
+        dvn = (dvin_ref[rows, :].astype(F32) + dot("ck,kv->cv", kd_ref[rows, :], X_op)).astype(op)
         dvn_ref[rows, :] = dvn
         X = _gate(g_ref, rows) * X + dst_ref[c].astype(F32)
         if use_delta:
-            X = X - _dot(w_ref[rows, :], dvn, transpose_a=True)
+            X = X - dot("ck,cv->kv", w_ref[rows, :], dvn)
         return X
 
     ds0_ref[...] = lax.fori_loop(0, n, body, dsT_ref[...])

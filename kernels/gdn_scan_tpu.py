@@ -16,17 +16,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from ._matmul import dot
+
 F32 = jnp.float32
-
-
-def _dot(a, b, transpose_a: bool = False):
-    dims = (((0,), (0,)), ((), ())) if transpose_a else (((1,), (0,)), ((), ()))
-    prec = lax.Precision.HIGHEST if a.dtype == F32 else lax.Precision.DEFAULT
-    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
 
 
 def _gate(g_ref):
@@ -49,11 +44,11 @@ def _forward_kernel(*refs, n: int, use_delta: bool):
     S_op = S.astype(op)
     st_ref[...] = S_op
     if use_delta:
-        vn = (u_ref[...].astype(F32) - _dot(w_ref[...], S_op)).astype(op)
+        vn = (u_ref[...].astype(F32) - dot("ck,kv->cv", w_ref[...], S_op)).astype(op)
         vn_ref[...] = vn
     else:
         vn = u_ref[...]
-    S = _gate(g_ref) * S + _dot(kd_ref[...], vn, transpose_a=True)
+    S = _gate(g_ref) * S + dot("ck,cv->kv", kd_ref[...], vn)
     s_scr[...] = S
 
     @pl.when(c == n - 1)
@@ -76,11 +71,11 @@ def _reverse_kernel(*refs, n: int, use_delta: bool):
     X = x_scr[...]
     X_op = X.astype(op)
     dh_ref[...] = X_op
-    dvn = (dvin_ref[...].astype(F32) + _dot(kd_ref[...], X_op)).astype(op)
+    dvn = (dvin_ref[...].astype(F32) + dot("ck,kv->cv", kd_ref[...], X_op)).astype(op)
     dvn_ref[...] = dvn
     X = _gate(g_ref) * X + dst_ref[...].astype(F32)
     if use_delta:
-        X = X - _dot(w_ref[...], dvn, transpose_a=True)
+        X = X - dot("ck,cv->kv", w_ref[...], dvn)
     x_scr[...] = X
 
     @pl.when(i == n - 1)

@@ -118,7 +118,7 @@ def sharded_gated_delta_rule(mesh: Mesh, *, batch_axis: AxisName = "data", head_
 def sharded_window_attention(mesh: Mesh, *, batch_axis: AxisName = "data", head_axis: AxisName = None,
                              backend: str = "auto", **kwargs) -> Callable:
     """``f(q, k, v) -> o`` running under ``mesh``; backend and kwargs as for ``attention.window_attention``
-    (with backend="pallas" also block_sizes, interpret, platform)."""
+    (with backend="pallas" also block_sizes, interpret, platform, backward)."""
     if backend == "pallas":
         def call(q, k, v):
             return attention_pallas.window_attention_pallas(q, k, v, **kwargs)

@@ -8,7 +8,11 @@ from typing import Any
 from sleepjax.kernels import attention as _attention
 from sleepjax.kernels import gdn as _gdn
 
-LAYER_KINDS = ("attn", "gdn")
+# "attn": causal attention within the window; "swa": the same, each query seeing only the last ``swa_window`` keys
+# up to itself; "gdn": Gated DeltaNet; "jet": JetBlock (Jet-Nemotron: GDN's rule with a dynamic conv on v).
+LAYER_KINDS = ("attn", "gdn", "jet", "swa")
+ATTENTION_KINDS = ("attn", "swa")  # layers with a KV cache
+FAST_WEIGHT_KINDS = ("gdn", "jet")  # layers with fast weights (what sleep consolidates)
 SSM_RULES = ("delta", "hebbian")
 DTYPES = ("float32", "bfloat16")
 # "pass": jax.checkpoint around each block-stack pass; "window": around each window (all its passes);
@@ -21,7 +25,8 @@ EVICTIONS = ("hard", "sliding")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The model: ``Embed -> layers (pre-norm residual blocks) -> RMSNorm -> OutProj`` and its sleep.
+    """The model: ``Embed -> layers (pre-norm residual blocks) -> RMSNorm -> OutProj`` and its sleep. The defaults
+    are the tiny CPU-scale model (d = 64, 4 layers); the paper's sizes are in experiments/configs/common.py.
 
     Attention: ``attn_heads`` query heads, ``attn_kv_heads`` key/value heads of ``attn_head_dim``, RoPE with
     positions counted from the window start. GDN: ``gdn_heads`` query/key heads of ``gdn_key_dim``,
@@ -35,7 +40,14 @@ class ModelConfig:
     times sigmoid of a second query projection, per head), ``qk_norm`` (RMSNorm over each query/key head before
     RoPE), ``rope_dim`` (rotate only the first rope_dim dims of each head; None = all), ``norm_weight_offset``
     (RMSNorms scale by offset + weight: 1.0 for "zero-centred" norm weights; the GDN output norm excluded),
-    ``mlp_free_layers`` (indices of layers without an MLP), ``tie_embeddings`` (logits use the embedding matrix).
+    ``mlp_free_layers`` (indices of layers without an MLP), ``tie_embeddings`` (logits use the embedding matrix),
+    ``attn_bias`` (q/k/v projections with biases), ``swa_window`` (the keys a "swa" layer's query sees, itself
+    included; required when ``layers`` holds "swa").
+
+    JetBlock ("jet" layers): ``jet_heads`` heads (query/key and value alike) of ``jet_key_dim`` / ``jet_value_dim``;
+    v goes through a causal depthwise conv of ``jet_conv_size`` taps whose per-token, per-channel kernel is
+    generated from the block input by a two-layer MLP of hidden size jet_heads * jet_value_dim //
+    ``jet_conv_reduction``; ``jet_norm_eps`` is the eps of its gated output RMSNorm.
     """
 
     vocab_size: int = 256
@@ -68,13 +80,22 @@ class ModelConfig:
     norm_weight_offset: float = 0.0
     mlp_free_layers: tuple[int, ...] = ()
     tie_embeddings: bool = False
+    attn_bias: bool = False
+    swa_window: int | None = None
+    jet_heads: int = 2
+    jet_key_dim: int = 32
+    jet_value_dim: int = 64
+    jet_conv_size: int = 4
+    jet_conv_reduction: int = 8
+    jet_norm_eps: float = 1e-5
 
     def __post_init__(self):
         for name in ("layers", "sleep_layers", "mlp_free_layers"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = ("vocab_size", "d_model", "attn_heads", "attn_kv_heads", "attn_head_dim", "gdn_heads",
-                    "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n")
+                    "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n",
+                    "jet_heads", "jet_key_dim", "jet_value_dim", "jet_conv_size", "jet_conv_reduction")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -105,7 +126,19 @@ class ModelConfig:
                 or len(set(self.mlp_free_layers)) != len(self.mlp_free_layers)):
             raise ValueError(f"ModelConfig.mlp_free_layers must be a tuple of distinct layer indices in [0, "
                              f"{num_layers}), got {self.mlp_free_layers!r}")
-        for name in ("attn_output_gate", "qk_norm", "tie_embeddings"):
+        if "swa" in self.layers and (not _is_int(self.swa_window) or self.swa_window < 1):
+            raise ValueError(f"ModelConfig.swa_window must be an int >= 1 when layers holds 'swa', got "
+                             f"{self.swa_window!r}")
+        if self.swa_window is not None and (not _is_int(self.swa_window) or self.swa_window < 1):
+            raise ValueError(f"ModelConfig.swa_window must be None or an int >= 1, got {self.swa_window!r}")
+        if self.jet_heads * self.jet_value_dim < self.jet_conv_reduction:
+            raise ValueError(f"ModelConfig.jet_conv_reduction ({self.jet_conv_reduction}) must be at most "
+                             f"jet_heads * jet_value_dim ({self.jet_heads * self.jet_value_dim}): the dynamic-conv "
+                             f"generator's hidden size is their quotient")
+        if (not isinstance(self.jet_norm_eps, (int, float)) or isinstance(self.jet_norm_eps, bool)
+                or not self.jet_norm_eps > 0):
+            raise ValueError(f"ModelConfig.jet_norm_eps must be a number > 0, got {self.jet_norm_eps!r}")
+        for name in ("attn_output_gate", "qk_norm", "tie_embeddings", "attn_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.norm_weight_offset, (int, float)) or isinstance(self.norm_weight_offset, bool):
@@ -124,7 +157,28 @@ class ModelConfig:
 
     @property
     def num_attn_layers(self) -> int:
-        return sum(kind == "attn" for kind in self.layers)
+        """Layers with a KV cache ("attn" and "swa")."""
+        return sum(kind in ATTENTION_KINDS for kind in self.layers)
+
+    @property
+    def num_fast_layers(self) -> int:
+        """Layers with fast weights ("gdn" and "jet"): the length of the model's FastWeights."""
+        return sum(kind in FAST_WEIGHT_KINDS for kind in self.layers)
+
+    @property
+    def jet_generator_dim(self) -> int:
+        """The hidden size of a JetBlock's dynamic-conv kernel generator."""
+        return self.jet_heads * self.jet_value_dim // self.jet_conv_reduction
+
+    def fast_weight_shape(self, kind: str) -> tuple[int, int, int]:
+        """(heads, key dim, value dim) of the fast weights of a layer of ``kind`` ("gdn" or "jet")."""
+        if kind == "jet":
+            return (self.jet_heads, self.jet_key_dim, self.jet_value_dim)
+        return (self.gdn_value_heads, self.gdn_key_dim, self.gdn_value_dim)
+
+    def attention_window(self, kind: str) -> int | None:
+        """The keys a query of an attention layer of ``kind`` sees at most (None: all of its window)."""
+        return self.swa_window if kind == "swa" else None
 
     @property
     def sleep_layer_range(self) -> tuple[int, int]:
@@ -137,27 +191,7 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """``tiny``: CPU scale (d = 64, 4 layers). ``paper``: the Rule 110 model of the paper (d = 256, 4 layers).
-        ``depo_paper``: the paper's Depo model (10 layers, d = 512)."""
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
-        return cls(**{**PRESETS[name], **overrides})
-
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=64, layers=("attn", "gdn", "attn", "gdn"), attn_heads=2, attn_kv_heads=2,
-                 attn_head_dim=32, gdn_heads=2, gdn_value_heads=2, gdn_key_dim=32, gdn_value_dim=32, mlp_dim=256),
-    "paper": dict(d_model=256, layers=("attn", "gdn", "attn", "gdn"), attn_heads=4, attn_kv_heads=4,
-                  attn_head_dim=64, gdn_heads=4, gdn_value_heads=4, gdn_key_dim=64, gdn_value_dim=64, mlp_dim=1024),
-    "depo_paper": dict(d_model=512, layers=("attn", "gdn") * 5, attn_heads=8, attn_kv_heads=8, attn_head_dim=64,
-                       gdn_heads=8, gdn_value_heads=8, gdn_key_dim=64, gdn_value_dim=64, mlp_dim=2048),
-}

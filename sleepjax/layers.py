@@ -1,18 +1,23 @@
-"""The pieces of a block, shared by the window path (``model.py``) and the one-token path (``stream.py``).
+"""The blocks of the model and their pieces, shared by the window path (``model.py``) and the one-token path
+(``stream.py``): a block of each layer kind (``BLOCKS``) maps (params, x, carry, span) to (out, carry), so one layer
+loop (``model.layers_pass``) serves a window, the sleep passes and a streamed token.
 
-Every function is pure: (parameter dict, activations) -> activations. Weights are stored float32 and cast to
-the activation dtype at use; gates, norms' statistics and the fast weights stay float32.
+Every function is pure. Weights are stored float32 and cast to the activation dtype at use; gates, norms'
+statistics and the fast weights stay float32.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sleepjax.config import ModelConfig
-from sleepjax.kernels import cached_attention_step, gated_delta_rule, gated_delta_rule_step, window_attention
+from sleepjax.kernels import gated_delta_rule, gated_delta_rule_step, window_attention
 from sleepjax.kernels import sharding as kernel_sharding
+from sleepjax.kernels.attention import cached_attention_step, xla_window_attention
 
 BATCH_MESH_AXES = ("data", "fsdp")
 HEAD_MESH_AXIS = "tensor"
@@ -33,13 +38,14 @@ def _active_mesh():
     return (mesh, batch, head) if batch or head else None
 
 
-def _window_attention(q, k, v, cfg: ModelConfig):
+def _window_attention(q, k, v, cfg: ModelConfig, sliding_window=None):
+    kwargs = {} if sliding_window is None or sliding_window >= q.shape[1] else {"sliding_window": sliding_window}
     sharded = _active_mesh()
     if sharded is None:
-        return window_attention(q, k, v, backend=cfg.attn_backend)
+        return window_attention(q, k, v, backend=cfg.attn_backend, **kwargs)
     mesh, batch, head = sharded
     return kernel_sharding.sharded_window_attention(mesh, batch_axis=batch, head_axis=head,
-                                                    backend=cfg.attn_backend)(q, k, v)
+                                                    backend=cfg.attn_backend, **kwargs)(q, k, v)
 
 
 def _gated_delta_rule(q, k, v, g, beta, state, cfg: ModelConfig):
@@ -92,6 +98,37 @@ def mlp(p, x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a block carries, and where it runs
+
+
+class Carry(NamedTuple):
+    """What one layer carries from token to token and from window to window; the fields of the other kind stay None.
+
+    fast: GDN / JetBlock, the fast weights S [B, Hv, Dk, Dv] (float32): all that sleep consolidates and that crosses a
+        window boundary by itself. Sleep passes thread it (pass n continues from pass n-1's S); a window's other fields
+        are those of its wake (first) pass.
+    conv: GDN / JetBlock, one token: the window's last K-1 raw projections [B, K-1, C] (the conv is window-local;
+        a JetBlock keeps its raw v projections only).
+    kv: attention: this window's (k, v), each [B, L, Hkv, D] (a window of T tokens: [B, T, Hkv, D]); see
+        ``attention_block``.
+    context: attention under sliding eviction: the previous window's (k, v, has_context).
+    """
+
+    fast: Any = None
+    conv: Any = None
+    kv: Any = None
+    context: Any = None
+
+
+class Span(NamedTuple):
+    """What a block call covers: a whole window (``position`` None; ``valid`` [T] bool, False at padding, which
+    leaves the fast weights untouched; None: every token real) or one token at slot ``position`` (int32 scalar)."""
+
+    position: Any = None
+    valid: Any = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -116,6 +153,8 @@ def attention_projections(p, x, cfg: ModelConfig, with_gate: bool = False):
     lead = x.shape[:-1]
     names = ("wq", "wk", "wv") + (("wq_gate",) if with_gate else ())
     q, k, v, *gate = dense_many(x, [p[n] for n in names])
+    if cfg.attn_bias:
+        q, k, v = (y + p[b].astype(y.dtype) for y, b in zip((q, k, v), ("bq", "bk", "bv")))
     q = q.reshape(lead + (cfg.attn_heads, cfg.attn_head_dim))
     k = k.reshape(lead + (cfg.attn_kv_heads, cfg.attn_head_dim))
     v = v.reshape(lead + (cfg.attn_kv_heads, cfg.attn_head_dim))
@@ -143,68 +182,61 @@ def attention_output(p, o, x, cfg: ModelConfig, gate=None):
     return dense(o.reshape(o.shape[:-2] + (-1,)), p["wo"])
 
 
-def attention_window(p, x, cfg: ModelConfig):
-    """Causal attention over one window. x [B, T, d] -> [B, T, d]; positions restart at 0 every window."""
+def attention_block(p, x, carry: Carry, span: Span, cfg: ModelConfig, kind: str = "attn"):
+    """The attention mixer as a block: x [B, T, d] (a whole window) or [B, d] (one token) -> (out, carry).
+
+    carry.context (sliding eviction; None under hard eviction): the previous window's (k, v, has_context), keys
+    before RoPE, each [B, L, Hkv, D], which every query also sees within the L positions up to itself (positions
+    count from the context's start; has_context False: there is no previous window). carry.kv: this window's
+    (k, v). One token writes its slot of them (keys after RoPE under hard eviction, before it under sliding); a
+    whole window writes them all under sliding eviction (the next window's context) and keeps none under hard.
+    ``kind`` "swa": every query sees only the last ``cfg.swa_window`` keys up to itself (within what the window and
+    the eviction policy leave visible)."""
     q, k, v, *gate = attention_projections(p, x, cfg, with_gate=cfg.attn_output_gate)
-    positions = jnp.arange(x.shape[1])
-    o = _window_attention(_rope(q, positions, cfg), _rope(k, positions, cfg), v, cfg)
-    return attention_output(p, o, x, cfg, gate=gate[0] if gate else None)
+    limit = cfg.attention_window(kind)
+    if span.position is None:
+        o, carry = _attend_window(q, k, v, carry, cfg, limit)
+    else:
+        o, carry = _attend_token(q, k, v, carry, span.position, cfg, limit)
+    return attention_output(p, o, x, cfg, gate=gate[0] if gate else None), carry
 
 
-def _masked_attention(q, k, v, mask):
-    """q [B, Tq, H, D], k/v [B, Tk, Hkv, D], mask bool broadcastable to [B, H, Tq, Tk] -> [B, Tq, H, D]."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(q.dtype)
-
-
-def sliding_mask(num_queries: int, context_len: int, window: int, has_context, query_offset=0):
-    """bool [Tq, Lc + Tq']: query i sits at position Lc + query_offset + i of [context | window] and sees the
-    ``window`` positions up to itself; context positions only if ``has_context``."""
-    pos = context_len + query_offset + jnp.arange(num_queries)[:, None]
-    key = jnp.arange(context_len + window)[None, :]
-    return (key <= pos) & (pos - key < window) & ((key >= context_len) | has_context)
-
-
-def attention_window_sliding(p, x, context, cfg: ModelConfig):
-    """Causal attention over one window that also sees the previous window (sliding-window eviction).
-
-    x [B, T, d]; context (k, v, has_context): the previous window's keys (before RoPE) and values [B, L, Hkv, D]
-    and a bool scalar (False: there is no previous window). Positions count from the context's start.
-    Returns ([B, T, d], (k, v) of this window before RoPE: the next window's context).
-    """
-    ctx_k, ctx_v, has_context = context
-    L, T = ctx_k.shape[1], x.shape[1]
-    q, k, v, *gate = attention_projections(p, x, cfg, with_gate=cfg.attn_output_gate)
-    keys = jnp.concatenate([ctx_k, k.astype(ctx_k.dtype)], axis=1)
-    values = jnp.concatenate([ctx_v, v.astype(ctx_v.dtype)], axis=1)
-    q_roped = _rope(q, L + jnp.arange(T), cfg)
-    k_roped = _rope(keys, jnp.arange(L + T), cfg)
-    mask = sliding_mask(T, L, L, has_context)[:, : L + T]
-    o = _masked_attention(q_roped, k_roped, values, mask[None, None])
-    return attention_output(p, o, x, cfg, gate=gate[0] if gate else None), (k, v)
-
-
-def attention_token(p, x, cache, position, cfg: ModelConfig):
-    """One token. x [B, d]; cache (k, v) each [B, L, Hkv, D]; position int32 scalar in [0, L)."""
-    q, k, v = attention_qkv(p, x, position, cfg)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k[:, None].astype(cache[0].dtype), position, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v[:, None].astype(cache[1].dtype), position, axis=1)
-    o = cached_attention_step(q, k_cache, v_cache, position)
-    return attention_output(p, o, x, cfg), (k_cache, v_cache)
-
-
-def attention_token_sliding(p, x, cache, context, position, cfg: ModelConfig):
-    """One token under sliding-window eviction. cache (k, v) [B, L, Hkv, D]: this window's keys (before RoPE) and
-    values; context (k, v, has_context): the previous window's, as in ``attention_window_sliding``."""
-    ctx_k, ctx_v, has_context = context
+def _after_context(context, q, k, v, query_positions, cfg: ModelConfig):
+    """Sliding eviction: the keys (with RoPE) and values of [previous window | this window] and the queries at
+    L + query_positions, positions counting from the context's start."""
+    ctx_k, ctx_v, _ = context
     L = ctx_k.shape[1]
-    q, k, v = attention_projections(p, x, cfg)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k[:, None].astype(cache[0].dtype), position, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v[:, None].astype(cache[1].dtype), position, axis=1)
-    keys = _rope(jnp.concatenate([ctx_k, k_cache], axis=1), jnp.arange(2 * L), cfg)
-    values = jnp.concatenate([ctx_v, v_cache], axis=1)
-    mask = sliding_mask(1, L, L, has_context, query_offset=position)
-    o = _masked_attention(_rope(q, L + position, cfg)[:, None], keys, values, mask[None, None])[:, 0]
-    return attention_output(p, o, x, cfg), (k_cache, v_cache)
+    keys = _rope(jnp.concatenate([ctx_k, k.astype(ctx_k.dtype)], axis=1), jnp.arange(L + k.shape[1]), cfg)
+    values = jnp.concatenate([ctx_v, v.astype(ctx_v.dtype)], axis=1)
+    return _rope(q, L + query_positions, cfg), keys, values
+
+
+def _attend_window(q, k, v, carry: Carry, cfg: ModelConfig, limit=None):
+    T = q.shape[1]
+    if carry.context is None:  # the window alone: positions restart at 0; any backend
+        positions = jnp.arange(T)
+        return _window_attention(_rope(q, positions, cfg), _rope(k, positions, cfg), v, cfg, limit), carry
+    L, has_context = carry.context[0].shape[1], carry.context[2]
+    o = xla_window_attention(*_after_context(carry.context, q, k, v, jnp.arange(T), cfg),
+                             sliding_window=L if limit is None else min(L, limit), context_len=L,
+                             has_context=has_context)
+    return o, carry._replace(kv=(k, v))
+
+
+def _attend_token(q, k, v, carry: Carry, position, cfg: ModelConfig, limit=None):
+    if carry.context is None:  # hard eviction: a window's positions never move, so its keys are cached after RoPE
+        q, k = _rope(q, position, cfg), _rope(k, position, cfg)
+    k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(cache, new[:, None].astype(cache.dtype), position, axis=1)
+                        for cache, new in zip(carry.kv, (k, v)))
+    carry = carry._replace(kv=(k_cache, v_cache))
+    if carry.context is None:
+        return cached_attention_step(q, k_cache, v_cache, position, sliding_window=limit), carry
+    # Sliding eviction: the cache keeps keys before RoPE, as the window becomes the next one's context L back.
+    L, has_context = carry.context[0].shape[1], carry.context[2]
+    o = cached_attention_step(*_after_context(carry.context, q, k_cache, v_cache, position, cfg), position,
+                              sliding_window=L if limit is None else min(L, limit), context_len=L,
+                              has_context=has_context)
+    return o, carry
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,11 +297,16 @@ def gdn_window(p, x, state, cfg: ModelConfig, valid=None):
         ab = None
     conv_out = causal_conv(raw, p["conv"])
     q, k, v, g, beta = gdn_heads(p, conv_out, x, cfg, ab=ab)
+    o, state = _masked_delta_rule(q, k, v, g, beta, state, valid, cfg)
+    return gdn_output(p, o, x, cfg, gate=gate), state
+
+
+def _masked_delta_rule(q, k, v, g, beta, state, valid, cfg: ModelConfig):
+    """The gated delta rule where padded positions (``valid`` [B, T] False) neither decay nor write the state."""
     if valid is not None:
         g = jnp.where(valid[:, None], g, 0.0)
         beta = jnp.where(valid[:, None], beta, 0.0)
-    o, state = _gated_delta_rule(q, k, v, g, beta, state, cfg)
-    return gdn_output(p, o, x, cfg, gate=gate), state
+    return _gated_delta_rule(q, k, v, g, beta, state, cfg)
 
 
 def gdn_token(p, x, state, conv_cache, cfg: ModelConfig):
@@ -281,6 +318,98 @@ def gdn_token(p, x, state, conv_cache, cfg: ModelConfig):
     q, k, v, g, beta = gdn_heads(p, conv_out, x, cfg)
     o, state = gated_delta_rule_step(q, k, v, g, beta, state, use_delta=cfg.ssm_rule == "delta")
     return gdn_output(p, o, x, cfg), state, taps[:, 1:]
+
+
+def gdn_block(p, x, carry: Carry, span: Span, cfg: ModelConfig):
+    """The GDN mixer as a block: x [B, T, d] (a whole window) or [B, d] (one token) -> (out, carry). carry.fast:
+    the fast weights S; carry.conv: one token's conv cache (a whole window starts the conv from zeros)."""
+    if span.position is None:
+        out, state = gdn_window(p, x, carry.fast, cfg, span.valid)
+        return out, carry._replace(fast=state)
+    out, state, conv = gdn_token(p, x, carry.fast, carry.conv, cfg)
+    return out, carry._replace(fast=state, conv=conv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JetBlock (Jet-Nemotron): GDN's gated delta rule; q, k = SiLU(x W), no conv; v = SiLU(dynamic conv of x W_v)
+
+
+def jet_conv_kernels(p, x, cfg: ModelConfig):
+    """The dynamic conv's per-token kernels from the block input x [..., d]: W2 SiLU(W1 x) + b2 as
+    [..., C, K] (channel-major: channel c's taps, oldest first, the current token's last)."""
+    flat = dense(jax.nn.silu(dense(x, p["conv_w1"])), p["conv_w2"]) + p["conv_b2"].astype(x.dtype)
+    return flat.reshape(x.shape[:-1] + (cfg.jet_heads * cfg.jet_value_dim, cfg.jet_conv_size))
+
+
+def jet_heads(p, x, q, k, conv_out, cfg: ModelConfig, ab=None):
+    """q, k projections [..., H*Dk], the dynamic conv's output [..., H*Dv] and the block input x -> q, k
+    [..., H, Dk] (SiLU, L2-normalised), v [..., H, Dv] (SiLU), g, beta [..., H] float32 (as ``gdn_heads``)."""
+    lead = q.shape[:-1]
+    H, Dk, Dv = cfg.jet_heads, cfg.jet_key_dim, cfg.jet_value_dim
+    q = _l2_normalize(jax.nn.silu(q).reshape(lead + (H, Dk)))
+    k = _l2_normalize(jax.nn.silu(k).reshape(lead + (H, Dk)))
+    v = jax.nn.silu(conv_out).reshape(lead + (H, Dv))
+    a, b = dense_many(x.astype(jnp.float32), [p["w_a"], p["w_b"]]) if ab is None else ab
+    g = -jax.nn.softplus(a + p["dt_bias"]) * jnp.exp(p["a_log"])
+    return q, k, v, g, jax.nn.sigmoid(b)
+
+
+def jet_output(p, o, x, cfg: ModelConfig, gate=None):
+    """As ``gdn_output``, with the JetBlock's own norm eps (``jet_norm_eps``)."""
+    o = rms_norm(o, p["o_norm"], cfg.jet_norm_eps)
+    gate = jax.nn.silu(dense(x, p["w_gate"]) if gate is None else gate).reshape(o.shape)
+    return dense((o * gate).reshape(o.shape[:-2] + (-1,)), p["wo"])
+
+
+def jet_window(p, x, state, cfg: ModelConfig, valid=None):
+    """One window of a JetBlock. x [B, T, d]; state [B, H, Dk, Dv] -> ([B, T, d], new state). The dynamic conv is
+    window-local (zeros before the window start), as GDN's conv; padding (``valid`` False) leaves S untouched."""
+    names = ["wq", "wk", "wv", "w_gate"] + (["w_a", "w_b"] if x.dtype == jnp.float32 else [])
+    q, k, u, gate, *ab = dense_many(x, [p[n] for n in names])
+    kernels = jet_conv_kernels(p, x, cfg)  # [B, T, C, K]
+    K, T = cfg.jet_conv_size, x.shape[1]
+    up = jnp.pad(u, ((0, 0), (K - 1, 0), (0, 0)))
+    conv_out = sum(up[:, j:j + T] * kernels[..., j] for j in range(K))
+    q, k, v, g, beta = jet_heads(p, x, q, k, conv_out, cfg, ab=tuple(ab) or None)
+    o, state = _masked_delta_rule(q, k, v, g, beta, state, valid, cfg)
+    return jet_output(p, o, x, cfg, gate=gate), state
+
+
+def jet_token(p, x, state, conv_cache, cfg: ModelConfig):
+    """One token of a JetBlock. x [B, d]; state [B, H, Dk, Dv]; conv_cache [B, K-1, H*Dv]: the previous raw v
+    projections of this window (zeros before its start)."""
+    q, k, u = dense_many(x, [p["wq"], p["wk"], p["wv"]])
+    taps = jnp.concatenate([conv_cache, u[:, None].astype(conv_cache.dtype)], axis=1)  # [B, K, C]
+    kernels = jet_conv_kernels(p, x, cfg)  # [B, C, K]
+    conv_out = jnp.sum(taps.swapaxes(1, 2) * kernels.astype(taps.dtype), axis=-1).astype(x.dtype)
+    q, k, v, g, beta = jet_heads(p, x, q, k, conv_out, cfg)
+    o, state = gated_delta_rule_step(q, k, v, g, beta, state, use_delta=cfg.ssm_rule == "delta")
+    return jet_output(p, o, x, cfg), state, taps[:, 1:]
+
+
+def jet_block(p, x, carry: Carry, span: Span, cfg: ModelConfig):
+    """The JetBlock mixer as a block (as ``gdn_block``): carry.fast is S, carry.conv one token's dynamic-conv cache
+    of raw v projections (a whole window starts the conv from zeros)."""
+    if span.position is None:
+        out, state = jet_window(p, x, carry.fast, cfg, span.valid)
+        return out, carry._replace(fast=state)
+    out, state, conv = jet_token(p, x, carry.fast, carry.conv, cfg)
+    return out, carry._replace(fast=state, conv=conv)
+
+
+def swa_block(p, x, carry: Carry, span: Span, cfg: ModelConfig):
+    """Sliding-window attention: ``attention_block`` whose queries see at most ``cfg.swa_window`` keys."""
+    return attention_block(p, x, carry, span, cfg, kind="swa")
+
+
+def conv_cache_shape(cfg: ModelConfig, kind: str) -> tuple[int, int]:
+    """(K-1, channels) of one token's conv cache of a layer of ``kind`` ("gdn" or "jet")."""
+    if kind == "jet":
+        return (cfg.jet_conv_size - 1, cfg.jet_heads * cfg.jet_value_dim)
+    return (cfg.conv_size - 1, gdn_conv_channels(cfg))
+
+
+BLOCKS = {"attn": attention_block, "gdn": gdn_block, "jet": jet_block, "swa": swa_block}  # each layer kind's block
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Run logs a person can follow: a live progress line, ``metrics.jsonl`` and TensorBoard event files, plus the
-bookkeeping that keeps them right across restarts (the partial averaging window, throughput without evaluation)."""
+bookkeeping that keeps them right across restarts (``RunProgress``: the running mean of the current logging window,
+throughput without evaluation, the sleep counts of the whole run), which every checkpoint carries."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 from pathlib import Path
+
+from sleepjax import rundir
+from sleepjax.rundir import read_metrics  # noqa: F401 (re-exported: the tests and tools read logs from here)
 
 
 def format_duration(seconds: float) -> str:
@@ -17,25 +20,6 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a ``metrics.jsonl``. A last line cut short (a run killed mid-write, or a writer still appending)
-    is skipped; a damaged line anywhere else raises."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text().split("\n")
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
-                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
-    return rows
 
 
 class MetricsLog:
@@ -49,23 +33,22 @@ class MetricsLog:
     def __init__(self, workdir: str | os.PathLike, resume_step: int = 0, enabled: bool = True,
                  redo_eval: bool = False):
         self.enabled = enabled
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.workdir = Path(workdir)
         if not enabled:
             return
-        rows = [r for r in read_metrics(self.path)
-                if r["step"] < resume_step or (r["step"] == resume_step and not (redo_eval and r["kind"] == "eval"))]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rundir.keep_metrics(workdir, lambda r: r["step"] < resume_step or (
+            r["step"] == resume_step and not (redo_eval and r["kind"] == "eval")))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(workdir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.tb = SummaryWriter(str(self.workdir / rundir.TENSORBOARD),
+                                purge_step=resume_step + 1 if resume_step else None)
         self._live = sys.stdout.isatty()
 
     def write(self, step: int, kind: str, metrics: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        rundir.append_metrics(self.workdir, row)
         for key, value in row.items():
             if key not in ("step", "kind") and isinstance(value, (int, float)):
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
@@ -96,11 +79,12 @@ def _plain(value):
         return str(value)
 
 
-class Window:
+class RunningMean:
     """The per-step metrics summed since the last ``metrics.jsonl`` row; a row is their mean.
 
-    A checkpoint that falls inside a window stores the partial sums (``state()``), so a run resumed there writes
-    the same rows, to the bit, as one that never stopped (the sums are float64 additions in step order).
+    A checkpoint that falls inside a logging window stores the partial sums (``state()``, in ``RunProgress``), so
+    a run resumed there writes the same rows, to the bit, as one that never stopped (the sums are float64
+    additions in step order).
     """
 
     def __init__(self, state: dict | None = None):
@@ -113,39 +97,13 @@ class Window:
         self.steps += 1
 
     def take(self) -> dict:
-        """The means over the window, which then starts again."""
+        """The means since the last call, which then start again."""
         means = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
         self.sums, self.steps = {}, 0
         return means
 
     def state(self) -> dict:
         return {"sums": dict(self.sums), "steps": self.steps}
-
-
-class WindowStore:
-    """``log_window.json`` in the workdir: the partial window at each checkpoint step (see ``Window``)."""
-
-    def __init__(self, workdir: str | os.PathLike):
-        self.path = Path(workdir) / "log_window.json"
-
-    def load(self, step: int) -> dict | None:
-        try:
-            return json.loads(self.path.read_text()).get(str(step))
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def save(self, step: int, state: dict, keep_steps) -> None:
-        """Records ``state`` for ``step``; forgets steps not in ``keep_steps`` (checkpoints orbax deleted)."""
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            saved = {}
-        keep = {str(s) for s in keep_steps} | {str(step)}
-        saved = {k: v for k, v in saved.items() if k in keep}
-        saved[str(step)] = state
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved))
-        os.replace(tmp, self.path)
 
 
 class Throughput:
@@ -174,3 +132,38 @@ class Throughput:
 
     def seconds_per_step(self) -> float | None:
         return self.total_seconds / self.total_steps if self.total_steps else None
+
+
+class RunProgress:
+    """What a run has done besides its train state, carried by every checkpoint (``rundir.save_checkpoint``) so
+    that a launch resumed there logs and reports as if the run had never stopped:
+
+    - ``mean``: the running mean of the current logging window (``RunningMean``);
+    - ``rate`` and ``wall_before``: the step time and wall clock of the launches before this one, so results.json
+      covers the whole run, not only the last launch (restarting a finished run must not replace its timing by
+      the few seconds of restoring it);
+    - ``sleep``: the example-windows that should have slept and did, summed over the whole run.
+
+    ``saved``: ``state()`` as a checkpoint stored it (None: a fresh run). The format is that of the entries of
+    the ``log_window.json`` of older runs, which are read the same way.
+    """
+
+    def __init__(self, saved: dict | None, sleep_keys=()):
+        saved = saved or {}
+        timing = saved.get("timing", {})
+        self.mean = RunningMean(saved)
+        self.rate = Throughput(timing.get("step_seconds", 0.0), timing.get("steps_timed", 0))
+        self.wall_before = float(timing.get("wall_clock_s", 0.0))
+        self.sleep = {k: 0.0 for k in sleep_keys} | saved.get("sleep", {})
+
+    def add(self, metrics: dict) -> None:
+        """One training step's metrics."""
+        self.mean.add(metrics)
+        for key in self.sleep:
+            self.sleep[key] += float(metrics[key])
+
+    def state(self, wall_clock_s: float) -> dict:
+        """JSON for the checkpoint; ``wall_clock_s``: the whole run's wall clock so far."""
+        return {**self.mean.state(), "sleep": dict(self.sleep), "timing": {
+            "step_seconds": self.rate.total_seconds, "steps_timed": self.rate.total_steps,
+            "wall_clock_s": wall_clock_s}}

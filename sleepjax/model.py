@@ -1,7 +1,7 @@
 """The hybrid model and Algorithm 1: parameters, fast weights, consolidation (sleep) and the windowed forward.
 
-Only the fast weights (every GDN layer's S, float32) cross a window boundary. A consolidation window runs the
-block stack ``sleep_n`` times, pass n consuming pass n-1's hidden states and every GDN layer continuing from the
+Only the fast weights (every GDN and JetBlock layer's S, float32) cross a window boundary. A consolidation window runs
+the block stack ``sleep_n`` times, pass n consuming pass n-1's hidden states and every GDN layer continuing from the
 S the previous pass ended with; a supervised (wake) window runs it once.
 
 The decision is each example's own: an example sleeps over a window iff none of ITS positions there is
@@ -25,9 +25,9 @@ import numpy as np
 
 from sleepjax import layers
 from sleepjax import schedule as schedule_lib
-from sleepjax.config import ModelConfig
+from sleepjax.config import ATTENTION_KINDS, FAST_WEIGHT_KINDS, ModelConfig
 
-FastWeights = tuple  # one float32 [B, Hv, Dk, Dv] array per GDN layer, in layer order
+FastWeights = tuple  # one float32 [B, Hv, Dk, Dv] array per fast-weight layer (GDN or JetBlock), in layer order
 
 
 @flax.struct.dataclass
@@ -76,6 +76,10 @@ def _init_attention(key, cfg: ModelConfig):
         block["wq_gate"] = _normal(jax.random.fold_in(key, 1), (d, cfg.attn_heads * hd), d)
     if cfg.qk_norm:
         block["q_norm"], block["k_norm"] = _norm_weight(cfg, hd), _norm_weight(cfg, hd)
+    if cfg.attn_bias:
+        block["bq"] = jnp.zeros((cfg.attn_heads * hd,), jnp.float32)
+        block["bk"] = jnp.zeros((cfg.attn_kv_heads * hd,), jnp.float32)
+        block["bv"] = jnp.zeros((cfg.attn_kv_heads * hd,), jnp.float32)
     return block, k[4]
 
 
@@ -102,9 +106,31 @@ def _init_gdn(key, cfg: ModelConfig):
     }, k[8]
 
 
+def _init_jet(key, cfg: ModelConfig):
+    """The JetBlock mixer; returns (params, the key of its MLP). The dynamic conv's generator starts as Jet-Nemotron's
+    does: W1, W2 zero, so the kernel is the static b2 at first."""
+    k = jax.random.split(key, 10)
+    d, H, dk, dv = cfg.d_model, cfg.jet_heads, cfg.jet_key_dim, cfg.jet_value_dim
+    C, K, r = H * dv, cfg.jet_conv_size, cfg.jet_generator_dim
+    a = jax.random.uniform(k[0], (H,), minval=1.0, maxval=16.0)
+    dt = jnp.exp(jax.random.uniform(k[1], (H,), minval=math.log(1e-3), maxval=math.log(0.1)))
+    return {
+        "norm1": _norm_weight(cfg, d),
+        "wq": _normal(k[2], (d, H * dk), d), "wk": _normal(k[3], (d, H * dk), d), "wv": _normal(k[4], (d, C), d),
+        "conv_w1": jnp.zeros((d, r), jnp.float32), "conv_w2": jnp.zeros((r, C * K), jnp.float32),
+        "conv_b2": jax.random.uniform(k[5], (C * K,), minval=-1.0, maxval=1.0) / math.sqrt(K),
+        "w_a": _normal(k[6], (d, H), d), "w_b": _normal(k[7], (d, H), d),
+        "a_log": jnp.log(a), "dt_bias": dt + jnp.log(-jnp.expm1(-dt)),
+        "w_gate": _normal(k[8], (d, C), d), "o_norm": jnp.ones((dv,)), "wo": _normal(k[9], (C, d), C),
+    }, jax.random.fold_in(key, 7)
+
+
+_INIT_MIXER = {"attn": _init_attention, "swa": _init_attention, "gdn": _init_gdn, "jet": _init_jet}
+
+
 def init_block(config: ModelConfig, layer: int, key) -> dict:
     """Fresh parameters of layer ``layer``: its mixer, and its MLP unless the layer is MLP-free."""
-    block, mlp_key = (_init_attention if config.layers[layer] == "attn" else _init_gdn)(key, config)
+    block, mlp_key = _INIT_MIXER[config.layers[layer]](key, config)
     if config.has_mlp(layer):
         block["norm2"] = _norm_weight(config, config.d_model)
         block["mlp"] = _init_mlp(mlp_key, config)
@@ -128,12 +154,13 @@ def init(config: ModelConfig, key) -> Params:
 
 
 def init_state(params: Params, batch_size: int) -> FastWeights:
-    """Zero fast weights for ``batch_size`` sequences: one float32 [B, Hv, Dk, Dv] per GDN layer."""
+    """Zero fast weights for ``batch_size`` sequences: one float32 [B, Hv, Dk, Dv] per fast-weight layer (GDN or
+    JetBlock, each with its own head sizes: ``ModelConfig.fast_weight_shape``)."""
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     cfg = params.config
-    shape = (int(batch_size), cfg.gdn_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim)
-    return tuple(jnp.zeros(shape, jnp.float32) for _ in range(cfg.num_gdn_layers))
+    return tuple(jnp.zeros((int(batch_size),) + cfg.fast_weight_shape(kind), jnp.float32)
+                 for kind in cfg.layers if kind in FAST_WEIGHT_KINDS)
 
 
 # Logical axis names of every weight, by (block kind, name). "embed" is the model dimension (FSDP shards it),
@@ -149,6 +176,12 @@ _LOGICAL_AXES = {
     ("gdn", "w_qkv"): ("embed", None), ("gdn", "conv"): (None, None), ("gdn", "w_a"): ("embed", None),
     ("gdn", "w_b"): ("embed", None), ("gdn", "a_log"): (None,), ("gdn", "dt_bias"): (None,),
     ("gdn", "w_gate"): ("embed", "heads"), ("gdn", "o_norm"): (None,), ("gdn", "wo"): ("heads", "embed"),
+    ("attn", "bq"): ("heads",), ("attn", "bk"): ("heads",), ("attn", "bv"): ("heads",),
+    ("jet", "wq"): ("embed", "heads"), ("jet", "wk"): ("embed", "heads"), ("jet", "wv"): ("embed", None),
+    ("jet", "conv_w1"): ("embed", None), ("jet", "conv_w2"): (None, None), ("jet", "conv_b2"): (None,),
+    ("jet", "w_a"): ("embed", None), ("jet", "w_b"): ("embed", None), ("jet", "a_log"): (None,),
+    ("jet", "dt_bias"): (None,), ("jet", "w_gate"): ("embed", "heads"), ("jet", "o_norm"): (None,),
+    ("jet", "wo"): ("heads", "embed"),
     ("mlp", "w_gate"): ("embed", "mlp"),
 }
 
@@ -168,7 +201,7 @@ def logical_axes_at(path, config: ModelConfig) -> tuple | None:
         return _LOGICAL_AXES.get(names[0])
     if len(names) < 3 or not isinstance(names[1], int) or names[1] >= len(config.layers):
         return None
-    kind = "mlp" if "mlp" in names else config.layers[names[1]]
+    kind = "mlp" if "mlp" in names else {"swa": "attn"}.get(config.layers[names[1]], config.layers[names[1]])
     return _LOGICAL_AXES.get((kind, names[-1])) or _LOGICAL_AXES.get(names[-1])
 
 
@@ -203,11 +236,13 @@ def check_tokens(name: str, tokens, cfg: ModelConfig, rank: int, layout: str) ->
 
 def check_state(state, params: Params, batch_size: int) -> None:
     cfg = params.config
-    expected = (batch_size, cfg.gdn_value_heads, cfg.gdn_key_dim, cfg.gdn_value_dim)
-    if not isinstance(state, tuple) or len(state) != cfg.num_gdn_layers:
-        raise ValueError(f"state must be a tuple of {cfg.num_gdn_layers} fast weights (one per GDN layer, see "
-                         f"init_state), got {type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")
-    for i, s in enumerate(state):
+    if not isinstance(state, tuple) or len(state) != cfg.num_fast_layers:
+        raise ValueError(f"state must be a tuple of {cfg.num_fast_layers} fast weights (one per GDN or JetBlock "
+                         f"layer, see init_state), got {type(state).__name__} of length "
+                         f"{len(state) if hasattr(state, '__len__') else '?'}")
+    kinds = [kind for kind in cfg.layers if kind in FAST_WEIGHT_KINDS]
+    for i, (s, kind) in enumerate(zip(state, kinds)):
+        expected = (batch_size,) + cfg.fast_weight_shape(kind)
         if tuple(s.shape) != expected or s.dtype != jnp.float32:
             raise ValueError(f"state[{i}] must be float32 {expected} [B, Hv, Dk, Dv], got {s.dtype} {tuple(s.shape)}")
 
@@ -232,58 +267,80 @@ def unembed(params: Params, h):
     return layers.dense(layers.norm(h, params.final_norm, cfg).astype(jnp.float32), weight)
 
 
-def _mixer_indices(cfg: ModelConfig) -> list[int]:
-    """For each layer, its index among the layers of its kind (fast weights and KV are kept per kind)."""
-    counts = {"attn": 0, "gdn": 0}
-    out = []
-    for kind in cfg.layers:
-        out.append(counts[kind])
-        counts[kind] += 1
-    return out
+def _group(kind: str) -> str:
+    """"attn" for the layers with a KV cache (attn, swa), "gdn" for those with fast weights (gdn, jet)."""
+    return "attn" if kind in ATTENTION_KINDS else "gdn"
 
 
-def _layers_pass(params: Params, h, state: FastWeights, window_kv: tuple, lo: int, hi: int, *, valid=None,
-                 context=None, keep_kv=True):
-    """Layers lo..hi-1 once over a window. h [B, T, d]; ``state`` and ``window_kv`` hold every GDN layer's fast
-    weights and (sliding eviction only, else ``()``) every attention layer's keys/values of this window; only the
-    entries of layers lo..hi-1 change, window_kv's only where ``keep_kv`` (bool, may be traced).
-    ``context``: per attention layer (k, v, has_context) of the previous window (sliding eviction), or None."""
+def per_layer(cfg: ModelConfig, attn, gdn) -> tuple:
+    """One tuple indexed by layer from one sequence per group, each in layer order: ``attn`` for the attention
+    layers (attn, swa), ``gdn`` for the fast-weight layers (gdn, jet; a layer's fast weights are ``FastWeights[j]``
+    for the j-th of them)."""
+    items = {"attn": iter(attn), "gdn": iter(gdn)}
+    return tuple(next(items[_group(kind)]) for kind in cfg.layers)
+
+
+def of_kind(cfg: ModelConfig, by_layer, kind: str) -> tuple:
+    """The entries of the layers of group ``kind`` ("attn": attn and swa; "gdn": gdn and jet), in layer order (the
+    inverse of ``per_layer``)."""
+    return tuple(x for x, k in zip(by_layer, cfg.layers) if _group(k) == kind)
+
+
+def layers_pass(params: Params, h, carries: tuple, span: layers.Span, lo: int = 0, hi: int | None = None):
+    """Layers lo..hi-1 (default: all) once, each norm -> mixer -> residual -> MLP: the one layer loop of a window,
+    the sleep passes and a streamed token. h [B, T, d] (a window) or [B, d] (one token, ``span.position``);
+    carries: one ``layers.Carry`` per layer, of which only those of layers lo..hi-1 change. Returns (h, carries)."""
     cfg = params.config
-    state, window_kv, index = list(state), list(window_kv), _mixer_indices(cfg)
-    for i in range(lo, hi):
-        kind, p, j = cfg.layers[i], params.layers[i], index[i]
-        x = layers.norm(h, p["norm1"], cfg)
-        if kind == "gdn":
-            out, state[j] = layers.gdn_window(p, x, state[j], cfg, valid)
-        elif context is None:
-            out = layers.attention_window(p, x, cfg)
-        else:
-            out, kv = layers.attention_window_sliding(p, x, context[j], cfg)
-            window_kv[j] = kv if keep_kv is True else jax.tree_util.tree_map(
-                lambda new, old: jnp.where(keep_kv, new, old), kv, window_kv[j])
+    carries = list(carries)
+    for i in range(lo, len(cfg.layers) if hi is None else hi):
+        p = params.layers[i]
+        out, carries[i] = layers.BLOCKS[cfg.layers[i]](p, layers.norm(h, p["norm1"], cfg), carries[i], span, cfg)
         h = h + out
         if cfg.has_mlp(i):
             h = h + layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
-    return h, tuple(state), tuple(window_kv)
+    return h, tuple(carries)
 
 
-def blocks_pass(params: Params, h, state: FastWeights, valid=None):
-    """One pass of the whole stack over a window (hard eviction). h [B, T, d] -> (h, state). ``valid`` [T] bool
-    marks real tokens; padding (False) leaves the fast weights untouched."""
-    h, state, _ = _layers_pass(params, h, state, (), 0, len(params.config.layers), valid=valid)
-    return h, state
-
-
-def _empty_window_kv(params: Params, h):
+def _window_carries(params: Params, h, state: FastWeights, context=None) -> tuple:
+    """The carries of a window h [B, T, d]: every GDN layer's fast weights and, under sliding eviction (``context``:
+    per attention layer (k, v, has_context) of the previous window), room for the window's keys and values."""
     cfg = params.config
-    shape = h.shape[:2] + (cfg.attn_kv_heads, cfg.attn_head_dim)
-    return tuple((jnp.zeros(shape, h.dtype), jnp.zeros(shape, h.dtype)) for _ in range(cfg.num_attn_layers))
+    if context is None:
+        attn = [layers.Carry()] * cfg.num_attn_layers
+    else:
+        zeros = jnp.zeros(h.shape[:2] + (cfg.attn_kv_heads, cfg.attn_head_dim), h.dtype)
+        attn = [layers.Carry(kv=(zeros, zeros), context=c) for c in context]
+    return per_layer(cfg, attn, [layers.Carry(fast=s) for s in state])
+
+
+def blocks_pass(params: Params, h, state: FastWeights, valid=None, lo: int = 0, hi: int | None = None):
+    """Layers lo..hi-1 (default: the whole stack) once over a window (hard eviction). h [B, T, d] -> (h, state).
+    ``valid`` [T] bool marks real tokens; padding (False) leaves the fast weights untouched."""
+    h, carries = layers_pass(params, h, _window_carries(params, h, state), layers.Span(valid=valid), lo, hi)
+    return h, tuple(c.fast for c in of_kind(params.config, carries, "gdn"))
 
 
 def _select(keep, new, old):
     """Per example: ``new`` where keep [B] is True, else ``old`` (trees of arrays with a leading batch axis)."""
     return jax.tree_util.tree_map(
         lambda a, b: jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+def _after_pass(i, sleeps, h, carries, new_h, new):
+    """(h, carries) after sleep pass i, from its input and its output. Only the first (wake) pass leaves its keys
+    and values: what a window hands on under sliding eviction is what a stream computes token by token. The later
+    passes change h and the fast weights, and not for an example that wakes (``sleeps`` False): it keeps its first
+    pass."""
+    keep = None if sleeps is None else sleeps | (i == 0)
+    if keep is not None:
+        new_h = _select(keep, new_h, h)
+    out = []
+    for n, c in zip(new, carries):
+        if n is not c:  # a layer the pass ran
+            fast = n.fast if keep is None else _select(keep, n.fast, c.fast)
+            n = n._replace(fast=fast, kv=jax.tree_util.tree_map(lambda a, b: jnp.where(i == 0, a, b), n.kv, c.kv))
+        out.append(n)
+    return new_h, tuple(out)
 
 
 def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, valid=None, context=None,
@@ -297,22 +354,18 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     are fixed when it is traced (see ``sleepjax/schedule.py``).
     ``context`` (sliding eviction): per attention layer (k, v, has_context) of the previous window.
     ``last``: the sequence's last window (its backward follows its forward at once: one pass is not checkpointed).
-    Returns (h, state, window_kv): window_kv holds every attention layer's keys/values of the WAKE pass (the first;
+    Returns (h, state, context_kv): context_kv holds every attention layer's keys/values of the WAKE pass (the first;
     sliding eviction keeps those for the next window, the one place this choice is made), () under hard eviction.
     """
     cfg = params.config
     lo, hi = cfg.sleep_layer_range
     depth = len(cfg.layers)
     sliding = context is not None
-    window_kv = _empty_window_kv(params, h) if sliding else ()
-    run = functools.partial(_layers_pass, params, valid=valid, context=context)
-    h, state, window_kv = run(h, state, window_kv, 0, lo)
+    run = functools.partial(layers_pass, params, span=layers.Span(valid=valid))
+    h, carries = run(h, _window_carries(params, h, state, context), lo=0, hi=lo)
 
-    def one_pass(h, state, window_kv, i):
-        new_h, new_state, window_kv = run(h, state, window_kv, lo, hi, keep_kv=i == 0)
-        if sleeps is not None:  # an example that wakes keeps its first pass
-            new_h, new_state = _select(sleeps | (i == 0), (new_h, new_state), (h, state))
-        return new_h, new_state, window_kv
+    def one_pass(h, carries, i):
+        return _after_pass(i, sleeps, h, carries, *run(h, carries, lo=lo, hi=hi))
 
     # Remat where it pays: a pass checkpoint keeps only the pass's input until the backward. Under "both" the
     # window checkpoint already does that for a window of one pass, and the last window's single pass is
@@ -321,24 +374,30 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
         one_pass = jax.checkpoint(one_pass)
 
     def body(carry, i):
-        h, state, window_kv, h_wake = carry
-        h, state, window_kv = one_pass(h, state, window_kv, i)
+        h, carries, h_wake = carry
+        h, new = one_pass(h, carries, i)
+        # What the passes never write (the contexts, the layers outside sleep_layers) goes back to the scan as its own
+        # input, so the scan sees constants; else the backward keeps a copy per pass (measured +13% of the temporaries
+        # of a sliding-eviction train step).
+        carries = tuple(n._replace(context=c.context) if lo <= j < hi else c
+                        for j, (n, c) in enumerate(zip(new, carries)))
         if h_wake is not None:
             h_wake = jnp.where(i == 0, h, h_wake)
-        return (h, state, window_kv, h_wake), None
+        return (h, carries, h_wake), None
 
     # Sliding eviction keeps the wake pass's keys/values of the layers after the sleep layers too: those layers
     # then also run once on the first pass's output (their fast weights from that run are discarded).
-    suffix_attention = any(kind == "attn" for kind in cfg.layers[hi:])
+    suffix_attention = any(kind in ATTENTION_KINDS for kind in cfg.layers[hi:])
     h_wake = h if sliding and suffix_attention and n > 1 else None
-    (h, state, window_kv, h_wake), _ = jax.lax.scan(body, (h, state, window_kv, h_wake), jnp.arange(n))
+    (h, carries, h_wake), _ = jax.lax.scan(body, (h, carries, h_wake), jnp.arange(n))
     if h_wake is not None:
-        _, _, wake_kv = run(h_wake, state, window_kv, hi, depth)
-        h, state, _ = run(h, state, window_kv, hi, depth)
-        window_kv = wake_kv
+        _, wake = run(h_wake, carries, lo=hi, hi=depth)
+        h, carries = run(h, carries, lo=hi, hi=depth)
+        carries = tuple(c._replace(kv=w.kv) for c, w in zip(carries, wake))
     else:
-        h, state, window_kv = run(h, state, window_kv, hi, depth)
-    return h, state, window_kv
+        h, carries = run(h, carries, lo=hi, hi=depth)
+    state = tuple(c.fast for c in of_kind(cfg, carries, "gdn"))
+    return h, state, tuple(c.kv for c in of_kind(cfg, carries, "attn")) if sliding else ()
 
 
 def _check_context(context, params: Params, batch_size: int):

@@ -35,22 +35,32 @@ def schedule(peak: float, total_steps: int, warmup_steps: int, kind: str, final_
                                               end_value=final_fraction * peak)
 
 
-def make_optimizer(*, name: str, total_steps: int, muon_lr: float, adam_lr: float, warmup_steps: int,
-                   schedule_kind: str = "cosine", final_lr_fraction: float = 0.1, weight_decay: float = 0.0,
-                   grad_clip: float | None = 1.0) -> optax.GradientTransformation:
-    """``name="muon"``: Muon (lr ``muon_lr``) on hidden matrices + AdamW (``adam_lr``) elsewhere.
-    ``name="adamw"``: AdamW at ``adam_lr`` on everything. Both with warmup + cosine and global-norm clipping."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    adam_schedule = schedule(adam_lr, total_steps, warmup_steps, schedule_kind, final_lr_fraction)
-    if name == "adamw":
-        core = optax.adamw(adam_schedule, weight_decay=weight_decay)
+def make_optimizer(cfg, schedule_steps: int | None = None) -> optax.GradientTransformation:
+    """The optimizer of a ``train.TrainConfig``: ``cfg.optimizer="muon"``: Muon (``muon_lr``) on hidden matrices +
+    AdamW (``adam_lr``) elsewhere; ``"adamw"``: AdamW at ``adam_lr`` on everything. Both with warmup + cosine (or
+    constant) and global-norm clipping at ``grad_clip`` (0: none). The learning-rate schedule spans
+    ``schedule_steps`` (default ``cfg.steps``) and stays at its final value after them (how an extended run trains
+    its added steps)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    total_steps = schedule_steps or cfg.steps
+    rate = lambda peak: schedule(peak, total_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.final_lr_fraction)
+    if cfg.optimizer == "adamw":
+        core = optax.adamw(rate(cfg.adam_lr), weight_decay=cfg.weight_decay)
     else:
         dims = lambda params: jax.tree_util.tree_map(
             lambda hidden: optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1) if hidden else None,
             hidden_matrix_labels(params))
-        core = optax.contrib.muon(
-            schedule(muon_lr, total_steps, warmup_steps, schedule_kind, final_lr_fraction),
-            adam_learning_rate=adam_schedule, weight_decay=weight_decay, adam_weight_decay=weight_decay,
-            muon_weight_dimension_numbers=dims)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), core) if grad_clip else core
+        core = optax.contrib.muon(rate(cfg.muon_lr), adam_learning_rate=rate(cfg.adam_lr),
+                                  weight_decay=cfg.weight_decay, adam_weight_decay=cfg.weight_decay,
+                                  muon_weight_dimension_numbers=dims)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), core) if cfg.grad_clip else core
+
+
+def learning_rates(cfg, schedule_steps: int):
+    """step -> {"adam_lr", ["muon_lr"]}: the rates ``make_optimizer(cfg, schedule_steps)`` applies at that
+    (1-based) step, for the logs."""
+    peaks = {"adam_lr": cfg.adam_lr, **({"muon_lr": cfg.muon_lr} if cfg.optimizer == "muon" else {})}
+    fns = {k: schedule(v, schedule_steps, cfg.warmup_steps, cfg.lr_schedule, cfg.final_lr_fraction)
+           for k, v in peaks.items()}
+    return lambda step: {k: float(fn(step - 1)) for k, fn in fns.items()}

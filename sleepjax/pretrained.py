@@ -12,6 +12,10 @@ Families (``FAMILIES``, by config.json's ``model_type``):
 * ``qwen3``: Qwen3 dense (attention only). ``insert_gdn=K`` adds K fresh GDN layers without an MLP, evenly spaced
   between the pretrained layers (which stay untouched); their output projections start at zero, so the model's
   logits equal the original's until training moves them.
+* ``jet_nemotron``: Jet-Nemotron (NVlabs; remote code, ``JetNemotronForCausalLM``): a Qwen2-style stack whose
+  ``layer_types`` are "jet" (JetBlock: sleepjax's "jet" layer kind), "attn" (full attention with q/k/v biases) and
+  "swa" (the same attention, each query seeing the last ``efficient_attention_config.swa.window_size`` keys:
+  sleepjax's "swa" kind, within sleepjax's window as every attention layer is); tied or untied embeddings.
 * ``sleepjax``: what ``save`` writes for a model no Hugging Face class describes (e.g. Qwen3 + inserted GDN): the
   same tensor names, and the full ``ModelConfig`` in config.json.
 
@@ -23,8 +27,10 @@ Weights are read with ``safetensors`` (float32 params; bf16 checkpoints are upca
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +38,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from sleepjax.config import ModelConfig
+from sleepjax.config import ATTENTION_KINDS, ModelConfig
 from sleepjax.model import Params, init_block
 
 SKIPPED_PREFIXES = ("model.visual.", "mtp.")  # vision tower, multi-token prediction: not part of the text model
@@ -176,6 +182,50 @@ def _qwen3_fields(cfg: dict) -> tuple[dict, str]:
     return fields, "model."
 
 
+def _jet_nemotron_fields(cfg: dict) -> tuple[dict, str]:
+    """Jet-Nemotron's config.json: Qwen2-style attention (q/k/v biases, no q/k norm, full RoPE, head_dim = hidden /
+    heads unless given) and ``efficient_attention_config`` for its "jet" and "swa" layers."""
+    where = "jet_nemotron"
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+    d, heads = int(_need(cfg, "hidden_size", where)), int(_need(cfg, "num_attention_heads", where))
+    theta, fraction = _rope_parameters(cfg, 1.0)
+    if fraction != 1.0:
+        raise CheckpointError(f"config.json: partial_rotary_factor {fraction} is not supported for jet_nemotron")
+    layer_types = _need(cfg, "layer_types", where)
+    if isinstance(layer_types, str):  # the config class evaluates a string; a literal list is all we accept
+        try:
+            layer_types = ast.literal_eval(layer_types)
+        except (ValueError, SyntaxError) as e:
+            raise CheckpointError(f"config.json: layer_types {layer_types!r} is not a list literal") from e
+    if not isinstance(layer_types, (list, tuple)) or any(t not in ("jet", "attn", "swa") for t in layer_types):
+        raise CheckpointError(f"config.json: layer_types must be a list of 'jet', 'attn', 'swa', got {layer_types!r}")
+    if "num_hidden_layers" in cfg and int(cfg["num_hidden_layers"]) != len(layer_types):
+        raise CheckpointError(f"config.json: num_hidden_layers={cfg['num_hidden_layers']} but layer_types lists "
+                              f"{len(layer_types)} layers")
+    fields = dict(
+        vocab_size=int(_need(cfg, "vocab_size", where)), d_model=d, layers=tuple(layer_types), attn_heads=heads,
+        attn_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        attn_head_dim=int(cfg.get("head_dim") or d // heads), mlp_dim=int(_need(cfg, "intermediate_size", where)),
+        rope_theta=theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), qk_norm=False, attn_bias=True,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        window=int(cfg.get("max_position_embeddings", 2048)))
+    extra = cfg.get("efficient_attention_config") or {}
+    if "jet" in layer_types:
+        jet = _need(extra, "jet", "efficient_attention_config")
+        head_dim, expand = int(_need(jet, "head_dim", "jet")), float(_need(jet, "expand_v", "jet"))
+        value_dim = round(head_dim * expand)
+        if not math.isclose(head_dim * expand, value_dim, rel_tol=1e-5):
+            raise CheckpointError(f"config.json: jet expand_v={expand} times head_dim={head_dim} is no integer")
+        fields.update(jet_heads=int(_need(jet, "num_heads", "jet")), jet_key_dim=head_dim, jet_value_dim=value_dim,
+                      jet_conv_size=int(jet.get("conv_size", 4)),
+                      jet_conv_reduction=int(jet.get("dconv_generator_reduction", 8)),
+                      jet_norm_eps=float(jet.get("norm_eps", 1e-5)))
+    if "swa" in layer_types:
+        fields["swa_window"] = int(_need(_need(extra, "swa", "efficient_attention_config"), "window_size", "swa"))
+    return fields, "model."
+
+
 def _sleepjax_fields(cfg: dict) -> tuple[dict, str]:
     saved = dict(_need(cfg, "sleepjax_config", "sleepjax"))
     for key in ("layers", "sleep_layers", "mlp_free_layers"):
@@ -185,7 +235,8 @@ def _sleepjax_fields(cfg: dict) -> tuple[dict, str]:
 
 
 FAMILIES: dict[str, Callable[[dict], tuple[dict, str]]] = {
-    "qwen3_5_text": _qwen3_5_fields, "qwen3_5": _qwen3_5_fields, "qwen3": _qwen3_fields, "sleepjax": _sleepjax_fields,
+    "qwen3_5_text": _qwen3_5_fields, "qwen3_5": _qwen3_5_fields, "qwen3": _qwen3_fields,
+    "jet_nemotron": _jet_nemotron_fields, "sleepjax": _sleepjax_fields,
 }
 
 
@@ -200,7 +251,24 @@ def _attention_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple
              (("wo",), "self_attn.o_proj.weight", (H * D, d))]
     if cfg.qk_norm:
         names += [(("q_norm",), "self_attn.q_norm.weight", (D,)), (("k_norm",), "self_attn.k_norm.weight", (D,))]
+    if cfg.attn_bias:
+        names += [(("bq",), "self_attn.q_proj.bias", (H * D,)), (("bk",), "self_attn.k_proj.bias", (Hkv * D,)),
+                  (("bv",), "self_attn.v_proj.bias", (Hkv * D,))]
     return names
+
+
+def _jet_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
+    """A JetBlock (Jet-Nemotron's names; the generator's W2 rows are channel-major, tap innermost, as ours)."""
+    d, H, dk, dv = cfg.d_model, cfg.jet_heads, cfg.jet_key_dim, cfg.jet_value_dim
+    C, K, r = H * dv, cfg.jet_conv_size, cfg.jet_generator_dim
+    gen = "self_attn.dynamic_conv1d.kernel_generator."
+    return [(("wq",), "self_attn.q_proj.weight", (d, H * dk)), (("wk",), "self_attn.k_proj.weight", (d, H * dk)),
+            (("wv",), "self_attn.v_proj.weight", (d, C)), (("w_b",), "self_attn.b_proj.weight", (d, H)),
+            (("w_a",), "self_attn.a_proj.weight", (d, H)), (("a_log",), "self_attn.A_log", (H,)),
+            (("dt_bias",), "self_attn.dt_bias", (H,)), (("conv_w1",), gen + "w1.weight", (d, r)),
+            (("conv_w2",), gen + "w2.weight", (r, C * K)), (("conv_b2",), gen + "w2.bias", (C * K,)),
+            (("w_gate",), "self_attn.g_proj.weight", (d, C)), (("o_norm",), "self_attn.o_norm.weight", (dv,)),
+            (("wo",), "self_attn.o_proj.weight", (C, d))]
 
 
 def _gdn_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
@@ -226,7 +294,9 @@ def _hf_shape(ours: tuple[int, ...]) -> tuple[int, ...]:
 
 def _block_names(cfg: ModelConfig, layer: int):
     names = [(("norm1",), "input_layernorm.weight", (cfg.d_model,))]
-    names += _attention_names(cfg) if cfg.layers[layer] == "attn" else _gdn_names(cfg)
+    kind = cfg.layers[layer]
+    names += (_attention_names(cfg) if kind in ATTENTION_KINDS else _jet_names(cfg) if kind == "jet"
+              else _gdn_names(cfg))
     return names + (_mlp_names(cfg) if cfg.has_mlp(layer) else [])
 
 
@@ -251,7 +321,7 @@ def _read_block(tensors: _Tensors, cfg: ModelConfig, layer: int, hf_layer: int) 
     if cfg.layers[layer] == "gdn":
         channels = block["w_qkv"].shape[1]
         block["conv"] = tensors.get(base + "linear_attn.conv1d.weight", (channels, 1, cfg.conv_size))[:, 0, :].T
-    if cfg.layers[layer] == "attn":
+    if cfg.layers[layer] in ATTENTION_KINDS:
         H, D = cfg.attn_heads, cfg.attn_head_dim
         width = 2 * D if cfg.attn_output_gate else D
         q = tensors.get(base + "self_attn.q_proj.weight", (H * width, cfg.d_model)).reshape(H, width, cfg.d_model)
@@ -335,6 +405,11 @@ def load(path: str | os.PathLike, *, insert_gdn: int = 0, key=None, **overrides:
 def family_of(cfg: ModelConfig) -> str:
     """The format ``save`` writes: a Hugging Face family when one describes the model exactly, else "sleepjax"."""
     all_mlp = not cfg.mlp_free_layers
+    if (all_mlp and cfg.attn_bias and not cfg.qk_norm and not cfg.attn_output_gate and cfg.norm_weight_offset == 0.0
+            and cfg.rope_dim is None and cfg.num_gdn_layers == 0):
+        return "jet_nemotron"
+    if cfg.attn_bias or any(kind in ("jet", "swa") for kind in cfg.layers):
+        return "sleepjax"
     if all_mlp and cfg.qk_norm and cfg.attn_output_gate and cfg.norm_weight_offset == 1.0:
         return "qwen3_5_text"
     if (all_mlp and cfg.qk_norm and not cfg.attn_output_gate and cfg.norm_weight_offset == 0.0
@@ -343,10 +418,38 @@ def family_of(cfg: ModelConfig) -> str:
     return "sleepjax"
 
 
+def _expand_v(key_dim: int, value_dim: int) -> float:
+    """Jet-Nemotron's expand_v for these head dims: the smallest float >= value/key whose product with key_dim
+    truncates (``int``, as its code does) to value_dim."""
+    expand = value_dim / key_dim
+    while int(key_dim * expand) < value_dim:
+        expand = math.nextafter(expand, math.inf)
+    return expand
+
+
+def _jet_nemotron_config(cfg: ModelConfig) -> dict:
+    out = {"model_type": "jet_nemotron", "architectures": ["JetNemotronForCausalLM"], "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": len(cfg.layers),
+           "num_attention_heads": cfg.attn_heads, "num_key_value_heads": cfg.attn_kv_heads,
+           "head_dim": cfg.attn_head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+           "rope_theta": cfg.rope_theta, "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
+           "max_position_embeddings": cfg.window, "layer_types": list(cfg.layers), "dtype": "float32"}
+    extra = {}
+    if "jet" in cfg.layers:
+        extra["jet"] = {"mode": "chunk", "num_heads": cfg.jet_heads, "head_dim": cfg.jet_key_dim,
+                        "expand_v": _expand_v(cfg.jet_key_dim, cfg.jet_value_dim), "conv_size": cfg.jet_conv_size,
+                        "dconv_generator_reduction": cfg.jet_conv_reduction, "norm_eps": cfg.jet_norm_eps}
+    if "swa" in cfg.layers:
+        extra["swa"] = {"window_size": cfg.swa_window}
+    return {**out, "efficient_attention_config": extra}
+
+
 def _hf_config(cfg: ModelConfig, family: str) -> dict:
     if family == "sleepjax":
         return {"model_type": "sleepjax", "architectures": ["SleepjaxHybrid"],
                 "sleepjax_config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    if family == "jet_nemotron":
+        return _jet_nemotron_config(cfg)
     rotary = (cfg.rope_dim or cfg.attn_head_dim) / cfg.attn_head_dim
     out = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
            "num_hidden_layers": len(cfg.layers), "num_attention_heads": cfg.attn_heads,
@@ -384,7 +487,7 @@ def save(params: Params, path: str | os.PathLike) -> str:
             tensors[base + name] = value.T if value.ndim == 2 else value
         if cfg.layers[i] == "gdn":
             tensors[base + "linear_attn.conv1d.weight"] = block["conv"].T[:, None, :]
-        else:
+        elif cfg.layers[i] in ATTENTION_KINDS:
             H, D = cfg.attn_heads, cfg.attn_head_dim
             q = block["wq"].T.reshape(H, D, cfg.d_model)
             if cfg.attn_output_gate:

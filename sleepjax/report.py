@@ -8,7 +8,6 @@ band. Wall-clock and the cost of sleep (seconds per step relative to N = 1) are 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import defaultdict
@@ -16,24 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sleepjax.metrics_log import read_metrics
-
-
-LABEL_FILE = "label.txt"
-EVAL_SLEEP_N_FILE = "eval_sleep_n.json"  # written by the launchers' --eval_sleep_n
-
-
-def run_label(run_dir: str | os.PathLike, sleep_n: int) -> str:
-    path = Path(run_dir) / LABEL_FILE
-    return path.read_text().strip() if path.exists() else f"N = {sleep_n}"
-
-
-def load_run(run_dir: str | os.PathLike) -> dict:
-    run_dir = Path(run_dir)
-    results = json.loads((run_dir / "results.json").read_text())
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
-    return {"dir": str(run_dir), "results": results, "evals": evals,
-            "label": run_label(run_dir, results["sleep_n"])}
+# Run-directory names and readers live in rundir (the launchers reach these through report).
+from sleepjax.rundir import EVAL_SLEEP_N_FILE, LABEL_FILE, read_eval_sleep_n, read_run_summary, run_label  # noqa: F401
 
 
 def _groups(runs: list[dict]) -> dict[str, list[dict]]:
@@ -181,10 +164,9 @@ def eval_sleep_n_table(results: list[dict]) -> str:
 
 def write_comparison(workdir: str | os.PathLike, run_dirs: list[str | os.PathLike], title: str = "") -> str:
     """Writes ``results.md`` and ``accuracy.png`` in workdir; returns the markdown."""
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run_summary(d) for d in run_dirs]
     workdir = Path(workdir)
-    at_n = [json.loads((Path(d) / EVAL_SLEEP_N_FILE).read_text()) for d in run_dirs
-            if (Path(d) / EVAL_SLEEP_N_FILE).exists()]
+    at_n = [r for r in map(read_eval_sleep_n, run_dirs) if r is not None]
     at_n_text = (f"## Evaluated at other N (test-time sleep passes; same weights)\n\n{eval_sleep_n_table(at_n)}\n\n"
                  if at_n else "")
     plot_accuracy(runs, workdir / "accuracy.png")

@@ -1,5 +1,6 @@
-"""Runs that survive a cluster: the run record (``config.json``: one run per workdir, extensions), restoring the
-newest readable checkpoint, and preemption notices (SIGTERM) - the pieces ``train`` uses to stop and resume.
+"""Runs that survive a cluster: what the run record (``config.json``: one run per workdir, extensions) allows,
+restoring the newest readable checkpoint, and preemption notices (SIGTERM) - the pieces ``train`` uses to stop and
+resume. (Where each file lives and how it is written: ``sleepjax/rundir.py``.)
 
 - SIGTERM (how pods and spot nodes announce preemption): ``train`` saves a checkpoint at the next step boundary,
   flushes its logs and raises ``Preempted`` (a SystemExit with code ``PREEMPTED_EXIT_CODE`` = 75, EX_TEMPFAIL: run
@@ -13,11 +14,10 @@ newest readable checkpoint, and preemption notices (SIGTERM) - the pieces ``trai
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -26,8 +26,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from sleepjax import rundir
+from sleepjax.config import ModelConfig
+from sleepjax.train_config import TrainConfig
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; run the same command again to resume
 
@@ -49,9 +52,20 @@ class Preempted(SystemExit):
 _COMPARED = ("task", "task_options", "model", "train")
 
 
-def read_run_record(workdir: Path) -> dict | None:
-    path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def run_description(task, model_cfg: ModelConfig, cfg: TrainConfig) -> dict:
+    """What config.json records of a run's settings (not the mesh: a run may resume on another)."""
+    return {"task": task.name, "task_options": getattr(task, "options", {}), "model": dataclasses.asdict(model_cfg),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mesh",)}}
+
+
+def with_defaults(saved: dict | None) -> dict | None:
+    """A config.json written before a ModelConfig/TrainConfig field existed: that field at its default (what the
+    run used), so such runs still resume."""
+    if saved is None:
+        return None
+    model = json.loads(json.dumps(dataclasses.asdict(ModelConfig())))
+    train = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(TrainConfig()))).items() if k != "mesh"}
+    return {**saved, "model": {**model, **saved.get("model", {})}, "train": {**train, **saved.get("train", {})}}
 
 
 def check_same_run(workdir: Path, saved: dict | None, description: dict, has_checkpoint: bool) -> None:
@@ -81,12 +95,6 @@ def resolve_run_record(saved: dict | None, description: dict, start: int) -> dic
     if steps > saved["train"]["steps"]:
         record["extended"].append({"from_steps": saved["train"]["steps"], "to_steps": steps, "at_step": start})
     return record
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)  # readers never see half a file
 
 
 def sync_processes(name: str) -> None:
@@ -155,7 +163,8 @@ def _root_cause(error: BaseException | None) -> str:
 
 
 def restore_newest_readable(open_manager, target, workdir: Path, say):
-    """(manager, state, step) with the newest checkpoint that restores, or (manager, None, 0) if there is none.
+    """(manager, state, progress, step) with the newest checkpoint that restores, or (manager, None, None, 0) if
+    there is none; progress as ``rundir.restore_checkpoint`` gives it (None: the checkpoint predates it).
 
     Each unreadable newer checkpoint gets one line naming its step and the reason and is moved to
     ``workdir/damaged_checkpoints/`` (kept for inspection; left in place it would stop every later resume). If
@@ -165,9 +174,9 @@ def restore_newest_readable(open_manager, target, workdir: Path, say):
     manager, failures, aftermath = open_manager(), [], None
     try:
         for step in sorted(manager.all_steps(), reverse=True):
-            state, error = None, None
+            restored, error = (None, None), None
             try:
-                state = manager.restore(step, args=ocp.args.StandardRestore(target))
+                restored = rundir.restore_checkpoint(manager, step, target)
             except Exception as e:  # orbax / TensorStore raise Exception, ValueError, OSError, ... by the damage
                 error = e
             if _on_every_process(error is None):
@@ -184,26 +193,36 @@ def restore_newest_readable(open_manager, target, workdir: Path, say):
     if step is None:
         if failures:
             manager.close()
-            raise UnreadableCheckpoints(f"no checkpoint in {workdir / 'checkpoints'} restores: " + "; ".join(
+            raise UnreadableCheckpoints(f"no checkpoint in {workdir / rundir.CHECKPOINTS} restores: " + "; ".join(
                 f"step {s}: {reason}" for s, reason in failures) + ". Repair them, or move checkpoints/ away to "
                 "train from step 0")
-        return manager, None, 0
+        return manager, None, None, 0
     if failures:
         for bad, reason in failures:
             if jax.process_index() == 0:
-                dest = workdir / "damaged_checkpoints" / str(bad)
-                for i in range(2, 1000):
-                    if not dest.exists():
-                        break
-                    dest = dest.with_name(f"{bad}.{i}")
-                dest.parent.mkdir(exist_ok=True)
-                shutil.move(str(workdir / "checkpoints" / str(bad)), str(dest))
+                dest = rundir.move_damaged(workdir, bad)
                 say(f"checkpoint at step {bad} is unreadable ({reason}); moved it to {dest}; resuming from step "
                     f"{step}")
         sync_processes("sleepjax_moved_damaged_checkpoints")
         manager.close()
         manager = open_manager()
-    return manager, state, step
+    return (manager, *restored, step)
+
+
+def progress_at(workdir: Path, step: int, progress: dict | None) -> dict | None:
+    """The run's progress at the restored ``step``: the checkpoint's own, or for a checkpoint written before
+    checkpoints carried it, its entry in the old ``log_window.json``. Without either the run is refused: resumed
+    there, it would log rows and report timing unlike the run that never stopped."""
+    if step == 0 or progress is not None:
+        return progress
+    legacy = rundir.read_legacy_progress(workdir, step)
+    if legacy is None:
+        raise ValueError(
+            f"the checkpoint at step {step} in {workdir / rundir.CHECKPOINTS} was written before checkpoints "
+            f"carried the run's progress, and {workdir / rundir.LEGACY_LOG_WINDOW} (where such runs kept it) has no "
+            f"entry for step {step}: resumed there, its logs would differ from the run's. Put that log_window.json "
+            f"back, or train in a fresh workdir")
+    return legacy
 
 
 class PreemptionNotice:

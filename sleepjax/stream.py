@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from sleepjax import layers
-from sleepjax.model import FastWeights, Params, check_tokens, embed, init_state, sleep, unembed
+from sleepjax.config import FAST_WEIGHT_KINDS
+from sleepjax.model import (FastWeights, Params, check_tokens, embed, init_state, layers_pass, of_kind, per_layer,
+                            sleep, unembed)
 
 
 @flax.struct.dataclass
@@ -24,7 +26,7 @@ class Stream:
     kv_cache: tuple  # per attention layer (k, v), each [B, L, Hkv, D] (sliding eviction: keys before RoPE)
     context_kv: tuple  # sliding eviction: per attention layer the previous window's (k, v) as in kv_cache; else ()
     has_context: jax.Array  # bool scalar: context_kv holds a previous window
-    conv_cache: tuple  # per GDN layer [B, K-1, C]: the last raw projections of this window
+    conv_cache: tuple  # per GDN / JetBlock layer [B, K-1, C]: the last raw (v) projections of this window
     position: jax.Array  # int32 scalar: slot of the next token in the window
     sleeps: jax.Array  # int32 scalar: windows consolidated so far
 
@@ -34,8 +36,8 @@ def _empty_caches(params: Params, batch_size: int):
     dtype = layers.dtype_of(cfg)
     kv_shape = (batch_size, cfg.window, cfg.attn_kv_heads, cfg.attn_head_dim)
     kv = tuple((jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in range(cfg.num_attn_layers))
-    conv_shape = (batch_size, cfg.conv_size - 1, layers.gdn_conv_channels(cfg))
-    conv = tuple(jnp.zeros(conv_shape, dtype) for _ in range(cfg.num_gdn_layers))
+    conv = tuple(jnp.zeros((batch_size,) + layers.conv_cache_shape(cfg, kind), dtype) for kind in cfg.layers
+                 if kind in FAST_WEIGHT_KINDS)
     return kv, conv
 
 
@@ -50,31 +52,26 @@ def stream_init(params: Params, batch_size: int, state: FastWeights | None = Non
                   sleeps=jnp.zeros((), jnp.int32))
 
 
+def _layer_carries(params: Params, stream: Stream) -> tuple:
+    """The stream's caches and fast weights as the layer loop takes them: one ``layers.Carry`` per layer."""
+    cfg = params.config
+    contexts = ([(*kv, stream.has_context) for kv in stream.context_kv] if cfg.eviction == "sliding"
+                else [None] * cfg.num_attn_layers)
+    return per_layer(cfg, [layers.Carry(kv=kv, context=c) for kv, c in zip(stream.kv_cache, contexts)],
+                     [layers.Carry(fast=s, conv=c) for s, c in zip(stream.fast_weights, stream.conv_cache)])
+
+
 def _wake_token(params: Params, stream: Stream, token):
     """The model on one token with the caches: returns (logits [B, V], stream with caches and S updated)."""
     cfg = params.config
-    h = embed(params, token)
-    fast_weights, kv, conv = list(stream.fast_weights), list(stream.kv_cache), list(stream.conv_cache)
-    attn_i = gdn_i = 0
-    for i, (kind, p) in enumerate(zip(cfg.layers, params.layers)):
-        x = layers.norm(h, p["norm1"], cfg)
-        if kind == "attn" and cfg.eviction == "sliding":
-            context = (*stream.context_kv[attn_i], stream.has_context)
-            out, kv[attn_i] = layers.attention_token_sliding(p, x, kv[attn_i], context, stream.position, cfg)
-            attn_i += 1
-        elif kind == "attn":
-            out, kv[attn_i] = layers.attention_token(p, x, kv[attn_i], stream.position, cfg)
-            attn_i += 1
-        else:
-            out, fast_weights[gdn_i], conv[gdn_i] = layers.gdn_token(p, x, fast_weights[gdn_i], conv[gdn_i], cfg)
-            gdn_i += 1
-        h = h + out
-        if cfg.has_mlp(i):
-            h = h + layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
+    h, carries = layers_pass(params, embed(params, token), _layer_carries(params, stream),
+                             layers.Span(position=stream.position))
+    attn, gdn = of_kind(cfg, carries, "attn"), of_kind(cfg, carries, "gdn")
     window_tokens = jax.lax.dynamic_update_slice_in_dim(stream.window_tokens, token[:, None].astype(jnp.int32),
                                                         stream.position, axis=1)
-    stream = stream.replace(fast_weights=tuple(fast_weights), kv_cache=tuple(kv), conv_cache=tuple(conv),
-                            window_tokens=window_tokens, position=stream.position + 1)
+    stream = stream.replace(fast_weights=tuple(c.fast for c in gdn), kv_cache=tuple(c.kv for c in attn),
+                            conv_cache=tuple(c.conv for c in gdn), window_tokens=window_tokens,
+                            position=stream.position + 1)
     return unembed(params, h), stream
 
 

@@ -21,10 +21,9 @@ LOGIT = 3.0 * 4.0 / math.sqrt(1.0 + 1e-6)  # unembed 3 * RMSNorm(4 e_a) = 4 e_a 
 
 
 def bigram_params():
-    cfg = sleepjax.ModelConfig.preset("tiny", vocab_size=V, d_model=D, layers=("attn", "gdn"), attn_heads=1,
-                                      attn_kv_heads=1, attn_head_dim=8, gdn_heads=1, gdn_value_heads=1,
-                                      gdn_key_dim=8, gdn_value_dim=8, mlp_dim=16, window=6, chunk_size=16,
-                                      sleep_n=2)
+    cfg = sleepjax.ModelConfig(vocab_size=V, d_model=D, layers=("attn", "gdn"), attn_heads=1, attn_kv_heads=1,
+                               attn_head_dim=8, gdn_heads=1, gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8,
+                               mlp_dim=16, window=6, chunk_size=16, sleep_n=2)
     params = sleepjax.init(cfg, jax.random.PRNGKey(0))
     layers = []
     for p in params.layers:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import sleepjax
-from conftest import assert_trees_close
+from helpers.compare import assert_trees_close
+from helpers.runs import micro_setup
 from sleepjax import finetune, pretrained, tasks
 from sleepjax.train import TrainConfig, load_run, train
-from test_train import micro_setup
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen3"
 
@@ -26,6 +26,7 @@ def pretrained_setup(tmp_path, **train_fields):
     return task, model_cfg, cfg
 
 
+@pytest.mark.slow
 def test_freeze_pretrained_trains_only_inserted_layers(tmp_path):
     """Catches a freeze that only zeroes gradients (weight decay would still move frozen weights) or a mask that
     misses the embeddings/norms."""
@@ -42,6 +43,7 @@ def test_freeze_pretrained_trains_only_inserted_layers(tmp_path):
     np.testing.assert_array_equal(params.final_norm, start.final_norm)
 
 
+@pytest.mark.slow
 def test_freeze_steps_then_everything_trains(tmp_path):
     task, model_cfg, cfg = pretrained_setup(tmp_path, freeze="pretrained", freeze_steps=2)
     train(task, model_cfg, cfg, tmp_path)
@@ -65,6 +67,7 @@ def test_init_from_starts_at_the_checkpoint_and_is_recorded(tmp_path):
         TrainConfig(init_from="x", freeze="pretrained")
 
 
+@pytest.mark.slow
 def test_sliding_warmup_trains_with_hard_eviction_first(tmp_path):
     """With warmup_eviction_steps >= steps a sliding-eviction run is exactly the hard-eviction run; without the
     warm-up it differs (catches a warm-up flag that is ignored)."""

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import case_key, rel_err
+from helpers import numpy_reference as ref
+from helpers.compare import case_key, rel_err
+from helpers.kernels import make_inputs
 from sleepjax.kernels import _pallas_util, attention, backends, gdn, gdn_pallas
-from test_gdn import make_inputs, numpy_reference
 
 
 def test_backend_names_are_the_dispatchers():
@@ -19,15 +20,33 @@ def test_backend_names_are_the_dispatchers():
 
 
 @pytest.mark.parametrize("platform,expected", [("cpu", "xla"), ("gpu", "chunked"), ("cuda", "chunked"),
-                                               ("rocm", "chunked"), ("tpu", "pallas")])
+                                               ("rocm", "chunked"), ("tpu", "chunked")])
 def test_gdn_auto_per_platform(platform, expected):
-    """GPU: the chunked XLA path until the Pallas path is measured faster there (never the token recurrence)."""
+    """GPU and TPU: the chunked XLA path until the Pallas path is measured faster there (never the token
+    recurrence)."""
     assert backends.resolve_gdn_backend("auto", platform) == expected
     assert backends.resolve_gdn_backend("recurrent", platform) == "recurrent"
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_auto_takes_pallas_only_once_measured_faster(monkeypatch, platform):
+    """The one rule on both accelerators: flipping a platform's *_MEASURED_FASTER constant (and only that one)
+    makes auto pick Pallas there."""
+    monkeypatch.setattr(_pallas_util, "pltriton", type("T", (), {"CompilerParams": object}))  # Triton present
+    other = "TPU" if platform == "gpu" else "GPU"
+    for name in (f"{other}_GDN_PALLAS_MEASURED_FASTER", f"{other}_ATTENTION_PALLAS_MEASURED_FASTER"):
+        monkeypatch.setattr(backends, name, True)
+    before = (backends.resolve_gdn_backend("auto", platform),
+              backends.resolve_attention_backend("auto", dtype="bfloat16", head_dim=128, platform=platform))
+    assert before == ("chunked", "cudnn" if platform == "gpu" else "xla")
+    monkeypatch.setattr(backends, f"{platform.upper()}_GDN_PALLAS_MEASURED_FASTER", True)
+    monkeypatch.setattr(backends, f"{platform.upper()}_ATTENTION_PALLAS_MEASURED_FASTER", True)
+    assert backends.resolve_gdn_backend("auto", platform) == "pallas"
+    assert backends.resolve_attention_backend("auto", dtype="bfloat16", head_dim=128, platform=platform) == "pallas"
+
+
 @pytest.mark.parametrize("platform,dtype,head_dim,expected", [
-    ("cpu", "bfloat16", 128, "xla"), ("tpu", "bfloat16", 128, "pallas"), ("tpu", "float32", 64, "pallas"),
+    ("cpu", "bfloat16", 128, "xla"), ("tpu", "bfloat16", 128, "xla"), ("tpu", "float32", 64, "xla"),  # no cuDNN
     ("gpu", "bfloat16", 128, "cudnn"), ("gpu", "float16", 64, "cudnn"),
     ("gpu", "float32", 128, "pallas"),    # cuDNN flash attention has no float32
     ("gpu", "bfloat16", 100, "pallas"),   # head dim not a multiple of 8
@@ -66,7 +85,7 @@ def test_without_triton_explicit_gpu_pallas_raises_but_interpret_runs(monkeypatc
     with pytest.raises(RuntimeError, match="Triton"):
         gdn_pallas.gated_delta_rule_pallas(*args, platform="gpu", interpret=False)
     o, s = gdn_pallas.gated_delta_rule_pallas(*args, platform="gpu", interpret=True)  # no Triton params needed
-    o_ref, s_ref = numpy_reference(*args)
+    o_ref, s_ref = ref.gated_delta_rule(*args)
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
 
@@ -86,7 +105,7 @@ def test_auto_attention_falls_back_when_cudnn_refuses(monkeypatch):
 
 
 def test_gdn_auto_on_cpu_is_the_xla_backend():
-    args = make_inputs(case_key("auto-cpu"), T=40)  # test_gdn's shapes: the compiled recurrence is reused
+    args = make_inputs(case_key("auto-cpu"), T=40)  # test_kernels_gdn's shapes: the compiled recurrence is reused
     o_auto, s_auto = gdn.gated_delta_rule(*args)
     o_xla, s_xla = gdn.gated_delta_rule(*args, backend="xla")
     np.testing.assert_array_equal(np.asarray(o_auto), np.asarray(o_xla))

@@ -1,6 +1,6 @@
 """The mixers compiled on the default backend (a GPU or TPU): Pallas kernels, the chunked XLA path, cuDNN.
 
-The interpret-mode tests (test_pallas_*.py) verify the kernel logic on CPU; this module checks what only real
+The interpret-mode tests (test_kernels_*_pallas.py) verify the kernel logic on CPU; this module checks what only real
 hardware can: that the kernels compile, and that compiled they still match the references (values, final state
 and every gradient). It is skipped on a CPU-only JAX. On an accelerator host (also stage "tests" of
 bench/gpu_check.sh; sized to pass in under two minutes on one GPU: few cases, each compiling small kernels):
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import assert_trees_close, case_key
-from test_pallas_gdn import make_inputs
+from helpers.compare import assert_trees_close, case_key
+from helpers.kernels import make_inputs
 from sleepjax.kernels import backends, gated_delta_rule, window_attention
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -59,7 +59,7 @@ def test_gated_delta_rule_compiled(shape, decay, beta_range, use_delta, dtype):
     if ON_CPU:
         shape = (shape[0], min(shape[1], 40), shape[2], shape[3], 16, 16)
     key_inputs, key_cot = jax.random.split(case_key(shape, decay, beta_range, use_delta, dtype))
-    args = make_inputs(key_inputs, *shape, decay=decay, beta_range=beta_range, dtype=dtype)
+    args = make_inputs(key_inputs, *shape, decay=decay, beta_range=beta_range, dtype=dtype, beta_margin=1e-3)
     cot = jax.random.normal(key_cot, shape[:2] + (shape[3], shape[5]))  # [B, T, Hv, Dv]
     with jax.default_matmul_precision("highest"):  # the reference in true float32 (no TF32)
         ref_out, ref_grads = _value_and_grads(

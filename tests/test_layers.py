@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 from jax import enable_x64
 
-from conftest import case_key, rel_err
+from helpers.compare import case_key, rel_err
 from sleepjax import layers
 
+SLOW = pytest.mark.slow  # cases the default run skips (python -m pytest -m slow runs them)
 
-@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 7, 5), (2, 3, 4, 5)])
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 7, 5), pytest.param((2, 3, 4, 5), marks=SLOW)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dense_is_a_matmul_over_the_last_axis(shape, dtype):
     kx, kw, kc = jax.random.split(case_key("dense", shape, dtype), 3)
@@ -29,7 +31,8 @@ def test_dense_is_a_matmul_over_the_last_axis(shape, dtype):
     assert rel_err(gw, xs.T @ cs) < (1e-6 if dtype == "float32" else 1e-2)
 
 
-@pytest.mark.parametrize("shape,vocab,spread", [((13,), 7, 1.0), ((2, 9), 50, 30.0), ((2, 3, 4), 1, 1.0)])
+@pytest.mark.parametrize("shape,vocab,spread", [((13,), 7, 1.0), ((2, 9), 50, 30.0),
+                                                pytest.param((2, 3, 4), 1, 1.0, marks=SLOW)])
 def test_softmax_cross_entropy_matches_log_softmax(shape, vocab, spread):
     """Values and gradients against float64 autodiff of -log_softmax[target]; large logits (spread 30) included,
     and ids 0 and V-1."""

@@ -8,20 +8,11 @@ import numpy as np
 import pytest
 
 import sleepjax
-from conftest import assert_trees_close, case_key, rel_err
+from helpers.compare import assert_trees_close, case_key, rel_err
+from helpers.models import SMALL, random_tokens, small_model
 from sleepjax import model as model_lib
 
-SMALL = dict(vocab_size=11, d_model=32, attn_heads=2, attn_kv_heads=1, attn_head_dim=16, gdn_heads=1,
-             gdn_value_heads=2, gdn_key_dim=16, gdn_value_dim=8, mlp_dim=64, window=8, chunk_size=16)
-
-
-def small_model(sleep_n=2, **overrides):
-    cfg = sleepjax.ModelConfig.preset("tiny", **{**SMALL, "sleep_n": sleep_n, **overrides})
-    return sleepjax.init(cfg, case_key("init", sleep_n, tuple(sorted(overrides.items()))))
-
-
-def random_tokens(key, B, T, V=11):
-    return jax.random.randint(key, (B, T), 0, V, dtype=jnp.int32)
+SLOW = pytest.mark.slow  # cases the default run skips (python -m pytest -m slow runs them)
 
 
 def random_state(params, B, key):
@@ -74,18 +65,17 @@ def reference_forward(params, tokens, loss_mask):
     ("chunk_size", 24, "chunk_size must be a positive multiple of 16"),
 ])
 def test_config_validation(field, value, match):
-    cfg = sleepjax.ModelConfig.preset("tiny", **{**SMALL, "attn_kv_heads": 2, "gdn_heads": 2})
+    cfg = sleepjax.ModelConfig(**{**SMALL, "attn_kv_heads": 2, "gdn_heads": 2})
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(cfg, **{field: value})
 
 
-def test_presets():
-    assert sleepjax.ModelConfig.preset("paper").d_model == 256
-    assert len(sleepjax.ModelConfig.preset("paper").layers) == 4
-    with pytest.raises(ValueError, match="preset must be one of"):
-        sleepjax.ModelConfig.preset("huge")
-    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
-        sleepjax.ModelConfig.preset("tiny", d_modle=3)
+def test_defaults_are_the_tiny_model():
+    """The other sizes live in experiments/configs/common.py (tests/test_experiments_configs.py)."""
+    cfg = sleepjax.ModelConfig()
+    assert cfg.d_model == 64 and cfg.layers == ("attn", "gdn", "attn", "gdn") and cfg.mlp_dim == 256
+    with pytest.raises(TypeError, match="d_modle"):
+        sleepjax.ModelConfig(d_modle=3)
 
 
 def test_params_are_float32_and_carry_config():
@@ -99,7 +89,7 @@ def test_params_are_float32_and_carry_config():
 # consolidate
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, pytest.param(2, marks=SLOW), pytest.param(3, marks=SLOW)])
 def test_consolidate_matches_unrolled_passes(n):
     params = small_model(sleep_n=n)
     ctx = random_tokens(case_key("ctx", n), 2, 8)
@@ -143,7 +133,7 @@ def grads_without_remat():
     return params, loss_grad(params)
 
 
-@pytest.mark.parametrize("remat", ["pass", "window", "both"])
+@pytest.mark.parametrize("remat", [pytest.param("pass", marks=SLOW), pytest.param("window", marks=SLOW), "both"])
 def test_gradients_flow_through_four_passes(remat, grads_without_remat):
     params, expected = grads_without_remat
     with_remat = params.replace(config=params.config.replace(remat=remat))
@@ -169,7 +159,8 @@ def test_grad_through_consolidate():
 # forward (Algorithm 1)
 
 
-@pytest.mark.parametrize("sleep_n,T,ssm_rule", [(1, 24, "delta"), (3, 21, "delta"), (2, 19, "hebbian")])
+@pytest.mark.parametrize("sleep_n,T,ssm_rule", [pytest.param(1, 24, "delta", marks=SLOW), (3, 21, "delta"),
+                                                 pytest.param(2, 19, "hebbian", marks=SLOW)])
 def test_forward_matches_reference_algorithm(sleep_n, T, ssm_rule):
     params = small_model(sleep_n=sleep_n, ssm_rule=ssm_rule)
     tokens = random_tokens(case_key("fwd", sleep_n, T), 2, T)
@@ -206,6 +197,7 @@ def test_loss_metrics():
     assert float(metrics["supervised"]) == 6 and 0 <= float(metrics["accuracy"]) <= 1
 
 
+@pytest.mark.slow
 def test_bfloat16_activations():
     params = small_model(sleep_n=2, dtype="bfloat16")
     tokens = random_tokens(case_key("bf16"), 2, 16)
@@ -259,7 +251,7 @@ def test_orbax_round_trip(tmp_path):
     assert_trees_close(restored, params, 0.0, "restored")
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=SLOW), True])
 def test_a_window_sleeps_iff_the_example_itself_supervises_nothing_there(jit):
     """Window 0 supervised by the LAST example only, by the first only, by all or by none: each example's logits
     are those it gets when every example shares its own choice (wake if it is supervised there, else sleep with
@@ -284,7 +276,7 @@ def test_a_window_sleeps_iff_the_example_itself_supervises_nothing_there(jit):
             assert rel_err(out[name][b], expected) < 1e-5, (name, b)
 
 
-@pytest.mark.parametrize("remat", ["none", "both"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=SLOW), "both"])
 def test_token_stats_equal_the_logits_path_in_chunks(remat, monkeypatch):
     """The training/eval loss (cross-entropy per window, in chunks of positions, never the [B, T, V] logits) equals
     ``token_losses`` of the full logits, values and gradients. Window 24 in head chunks of 16 (the last one padded),

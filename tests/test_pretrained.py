@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sleepjax
-from conftest import assert_trees_close, rel_err
+from helpers.compare import assert_trees_close, rel_err
 from sleepjax import pretrained
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -84,6 +84,7 @@ def test_inserted_positions_are_evenly_spaced():
     assert pretrained.inserted_positions(3, 2) == (1, 3)
 
 
+@pytest.mark.slow
 def test_sleep_on_a_pretrained_model_trains():
     """A few optimizer steps of the sleep loss (N = 2, two windows) through a loaded hybrid lower the loss."""
     import optax

@@ -6,21 +6,13 @@ import numpy as np
 import pytest
 
 import sleepjax
-from conftest import assert_trees_close, case_key, rel_err
-from test_model import random_tokens, small_model
+from helpers.compare import assert_trees_close, case_key, rel_err
+from helpers.models import random_tokens, run_stream, small_model
+
+SLOW = pytest.mark.slow  # cases the default run skips (python -m pytest -m slow runs them)
 
 
-def run_stream(params, tokens):
-    step = jax.jit(sleepjax.stream_step)
-    stream = sleepjax.stream_init(params, tokens.shape[0])
-    logits = []
-    for t in range(tokens.shape[1]):
-        out, stream = step(params, stream, tokens[:, t])
-        logits.append(out)
-    return jnp.stack(logits, axis=1), stream
-
-
-@pytest.mark.parametrize("sleep_n,T", [(3, 21), (2, 16), (4, 5)])
+@pytest.mark.parametrize("sleep_n,T", [(3, 21), pytest.param(2, 16, marks=SLOW), pytest.param(4, 5, marks=SLOW)])
 def test_stream_matches_forward_on_current_window(sleep_n, T):
     params = small_model(sleep_n=sleep_n)
     tokens = random_tokens(case_key("stream", sleep_n, T), 2, T)
@@ -50,6 +42,7 @@ def test_stream_n1_equals_forward_everywhere():
     assert_trees_close(stream.fast_weights, ref_state, 1e-5, "state")
 
 
+@pytest.mark.slow
 def test_stream_sleep_changes_state_for_n_greater_than_1():
     """At the window boundary the stream's state is the N-pass consolidation, not the wake state."""
     params = small_model(sleep_n=3)

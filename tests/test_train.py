@@ -15,26 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_bitwise_equal, checkpoint_params, finished_checkpoints, wait_for_step, without_timing
 import sleepjax
+from helpers.compare import assert_bitwise_equal
+from helpers.runs import MICRO, checkpoint_params, finished_checkpoints, micro_setup, wait_for_step, without_timing
 from sleepjax import optim, tasks
 from sleepjax.evaluate import evaluate
 from sleepjax.metrics_log import read_metrics
 from sleepjax.train import TrainConfig, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
-MICRO = dict(d_model=16, layers=("attn", "gdn"), attn_heads=1, attn_kv_heads=1, attn_head_dim=8, gdn_heads=1,
-             gdn_value_heads=1, gdn_key_dim=8, gdn_value_dim=8, mlp_dim=32, chunk_size=16)
-
-
-def micro_setup(sleep_n=2, **train):
-    task = tasks.get("rule110", width=6, strings=2, t=1)
-    model_cfg = sleepjax.ModelConfig.preset("tiny", **MICRO, vocab_size=task.vocab_size, window=task.window,
-                                            sleep_n=sleep_n)
-    train_cfg = TrainConfig(**{**dict(steps=40, batch_size=16, muon_lr=0.02, adam_lr=3e-3, warmup_steps=5,
-                                      eval_every=20, eval_size=32, eval_batch_size=16, checkpoint_every=20,
-                                      log_every=5), **train})
-    return task, model_cfg, train_cfg
 
 
 def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
@@ -53,10 +42,11 @@ def test_training_lowers_the_loss_and_writes_outputs(tmp_path):
 
 
 def _launcher(workdir, steps):
-    return [sys.executable, "-m", "experiments.rule110", "--width=6", "--strings=2", "--t=1", f"--steps={steps}",
-            "--batch_size=16", "--eval_size=16", "--eval_every=100000", "--checkpoint_every=10", "--log_every=1",
-            "--sleep_n=2", "--warmup_steps=5", f"--workdir={workdir}"] + [
-        f"--model_set={k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in MICRO.items()]
+    train = dict(steps=steps, batch_size=16, eval_size=16, eval_every=100000, checkpoint_every=10, log_every=1,
+                 warmup_steps=5)
+    return [sys.executable, "-m", "experiments.rule110", "--config.task.width=6", "--config.task.strings=2",
+            "--config.task.t=1", "--sleep_n=2", f"--workdir={workdir}"] + [
+        f"--config.train.{k}={v}" for k, v in train.items()] + [f"--config.model.{k}={v!r}" for k, v in MICRO.items()]
 
 
 LAUNCH_STEPS = 150
@@ -72,6 +62,7 @@ def clean_launch(tmp_path_factory, launcher_env):
     return dict(params=checkpoint_params(clean), rows=read_metrics(clean / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, launcher_env, clean_launch):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_launcher(killed, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.DEVNULL,
@@ -90,6 +81,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, launcher_env, clean_l
         "the resumed log must read like one uninterrupted run"
 
 
+@pytest.mark.slow
 def test_sigterm_exits_75_after_a_checkpoint_and_resumes_bitwise(tmp_path, launcher_env, clean_launch):
     workdir = tmp_path / "preempted"
     proc = subprocess.Popen(_launcher(workdir, LAUNCH_STEPS), cwd=REPO, env=launcher_env, stdout=subprocess.PIPE,
@@ -111,7 +103,7 @@ def test_sigterm_exits_75_after_a_checkpoint_and_resumes_bitwise(tmp_path, launc
     assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(clean_launch["rows"])
 
 
-@pytest.mark.parametrize("checkpoint_every", [1, 100])
+@pytest.mark.parametrize("checkpoint_every", [pytest.param(1, marks=pytest.mark.slow), 100])
 def test_nan_loss_stops_with_the_step_and_names_the_last_checkpoint_or_none(tmp_path, checkpoint_every):
     task, model_cfg, train_cfg = micro_setup(optimizer="adamw", adam_lr=1e30, grad_clip=0.0,
                                              checkpoint_every=checkpoint_every, warmup_steps=0, lr_schedule="constant")
@@ -128,6 +120,7 @@ def test_nan_loss_stops_with_the_step_and_names_the_last_checkpoint_or_none(tmp_
         assert "None" not in str(stop.value)
 
 
+@pytest.mark.slow
 def test_evaluate_counts_items_by_hand():
     task, model_cfg, _ = micro_setup()
     params = sleepjax.init(model_cfg, jax.random.PRNGKey(3))

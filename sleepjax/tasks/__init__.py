@@ -17,8 +17,8 @@ NAMES = tuple(_REGISTRY)
 
 
 def get(name: str, **options) -> Task:
-    """Builds task ``name`` with ``options`` (each task validates its own options; ``preset=`` picks a
-    named preset of the task's options, overridden by the other options)."""
+    """Builds task ``name`` with ``options`` (each task validates its own options; the ones not given take the
+    class's defaults; the launchers' settings are in experiments/configs/)."""
     if name not in _REGISTRY:
         raise ValueError(f"task must be one of {NAMES}, got {name!r}")
     module, cls = _REGISTRY[name].split(":")

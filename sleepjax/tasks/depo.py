@@ -60,32 +60,15 @@ class Depo(Task):
     test k gets an equal share of a run of examples.
     """
 
-    DEFAULTS: Mapping[str, Any] = dict(
-        max_nodes=75, min_nodes=3, max_hops=16, alphabet=50, word_len_min=2, word_len_max=2, questions=10,
-        window=75, context_len=300, sep=False, bos=False, train_n="weighted", test_hops="powers", hop_stage=0,
-        distinct_questions="none")
-    PRESETS: Mapping[str, Mapping[str, Any]] = {
-        "paper": dict(DEFAULTS),
-        # The CPU-scale setting a prototype showed the effect in: 8 one-token nodes, edges fill one 24-token window.
-        "cpu": dict(max_nodes=8, min_nodes=8, max_hops=4, alphabet=32, word_len_min=1, word_len_max=1,
-                    questions=16, window=24, context_len=24, sep=True, bos=False, train_n="uniform",
-                    test_hops="all"),
-    }
-
-    def __init__(self, *, max_nodes: int | None = None, min_nodes: int | None = None, max_hops: int | None = None,
-                 alphabet: int | None = None, word_len_min: int | None = None, word_len_max: int | None = None,
-                 questions: int | None = None, window: int | None = None, context_len: int | None = None,
-                 sep: bool | None = None, bos: bool | None = None, train_n: str | None = None,
-                 test_hops: str | None = None, hop_stage: int | None = None,
-                 distinct_questions: str | None = None, preset: str | None = None):
-        if preset is not None and preset not in self.PRESETS:
-            raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
-        given = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
-                     word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
-                     context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops,
-                     hop_stage=hop_stage, distinct_questions=distinct_questions)
-        options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
-                   **{k: v for k, v in given.items() if v is not None}}
+    def __init__(self, *, max_nodes: int = 75, min_nodes: int = 3, max_hops: int = 16, alphabet: int = 50,
+                 word_len_min: int = 2, word_len_max: int = 2, questions: int = 10, window: int = 75,
+                 context_len: int = 300, sep: bool = False, bos: bool = False, train_n: str = "weighted",
+                 test_hops: str = "powers", hop_stage: int = 0, distinct_questions: str = "none"):
+        # The defaults are the paper's setting; experiments/configs/depo.py has the CPU-scale one.
+        options = dict(max_nodes=max_nodes, min_nodes=min_nodes, max_hops=max_hops, alphabet=alphabet,
+                       word_len_min=word_len_min, word_len_max=word_len_max, questions=questions, window=window,
+                       context_len=context_len, sep=sep, bos=bos, train_n=train_n, test_hops=test_hops,
+                       hop_stage=hop_stage, distinct_questions=distinct_questions)
         self._validate(options)
         self.options = options
         self.max_nodes, self.min_nodes, self.max_hops = options["max_nodes"], options["min_nodes"], options["max_hops"]

@@ -46,6 +46,10 @@ vocabulary (``text_encoding.py``). The loss (and item 0) is on the positions
 predicting the answer tokens and EOS; difficulty = [op]. Train draws op ~ Uniform{op_min..op_max}; the test
 split cycles op by index so every op gets an equal share of a run of examples.
 
+The published benchmark's rows (a local copy; ``gsm_infinite_benchmark.py``) replace the test split with
+``benchmark_path`` and the train split with ``benchmark_train_path``, laid out and scored like generated problems
+(the class docstring says how).
+
 ``sleep_schedule`` follows from the layout: the supervised positions of a problem are the span that starts where
 the answer does (context_len in ``evict``; the context's length in ``stream``, in fill_tokens' range when set)
 and is as long as its answer.
@@ -61,6 +65,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from sleepjax import schedule as schedule_lib
+from sleepjax.tasks import gsm_infinite_benchmark as benchmark_lib
 from sleepjax.tasks.base import Example, Task, example_rng
 from sleepjax.tasks.text_encoding import TokenizerEncoder, WordEncoder
 
@@ -483,43 +488,34 @@ class GSMInfinite(Task):
     how many places, categories and items per category it draws from); const_max (constants 1..const_max);
     var_digits (digits of a symbolic variable name); window; context_len; layout ("evict" or "stream", see the
     module docstring); tokenizer (None, or the path of a tokenizer.json / checkpoint directory).
+
+    The published benchmark (``gsm_infinite_benchmark.py``): benchmark_path (None, or a local .parquet / .jsonl
+    file or a directory of them) replaces the test split by its rows, benchmark_train_path the train split;
+    benchmark_ops (0 = every op, or (lo, hi)), benchmark_template and benchmark_mode (None = any) filter both.
+    A row's context is BOS, problem, question (its own order), tokenized like the generated problems; its answer
+    is supervised and scored as theirs, difficulty = its op. Test example i is the i-th row with the ops taken in
+    turn (``eval_order``; the seed is ignored), train example i a row drawn from (seed, index). A row whose context
+    or answer does not fit the layout, or (closed vocabulary) whose text has a word outside it, is an error that
+    names its file and row: the closed vocabulary holds this generator's words only, so the published rows need
+    ``tokenizer``. Every integer or variable-list answer is spelled in the closed vocabulary (digits, ``-``, ``V``).
     """
 
-    DEFAULTS: Mapping[str, Any] = dict(
-        subset="medium", op_min=1, op_max=4, distractors=(1, 2), noise=(0, 1), fill_tokens=0, places=2,
-        categories=2, items=3, const_max=9, var_digits=2, window=64, context_len=128, layout="evict",
-        tokenizer=None)
-    # tiny*: CPU scale (4 layers, d = 64): 2-10 short statements over a 2 places x 2 categories x 3 items world,
-    # constants 1..9, op <= 4 (5 in hard), texts of ~25-125 tokens (mean ~60) in 2 windows of 64 (3 for hard).
-    # paper*: op 1..8, texts filled to 2000-3300 tokens, windows of 2000 from the start of the text (stream layout):
-    # the first window is consolidated, the rest of the problem and the answer share the second.
-    # paper_sliding: the paper's sliding-window setting: windows of 512, problems 4-6 windows long.
-    PRESETS: Mapping[str, Mapping[str, Any]] = {
-        "tiny": dict(DEFAULTS),
-        "tiny_hard": dict(DEFAULTS, subset="hard", op_max=5, context_len=192),
-        "tiny_symbolic": dict(DEFAULTS, subset="symbolic", distractors=(1, 3), noise=(0, 2)),
-        "paper": dict(subset="medium", op_min=1, op_max=8, distractors=(2, 6), noise=(2, 6),
-                      fill_tokens=(2000, 3300), places=10, categories=6, items=6, const_max=20, var_digits=6,
-                      window=2000, context_len=4000, layout="stream"),
-    }
-    PRESETS = {**PRESETS, "paper_hard": dict(PRESETS["paper"], subset="hard"),
-               "paper_symbolic": dict(PRESETS["paper"], subset="symbolic"),
-               "paper_sliding": dict(PRESETS["paper"], fill_tokens=(2048, 3000), window=512, context_len=3072)}
-
-    def __init__(self, *, subset: str | None = None, op_min: int | None = None, op_max: int | None = None,
-                 distractors: int | tuple[int, int] | None = None, noise: int | tuple[int, int] | None = None,
-                 fill_tokens: int | tuple[int, int] | None = None, places: int | None = None,
-                 categories: int | None = None, items: int | None = None, const_max: int | None = None,
-                 var_digits: int | None = None, window: int | None = None, context_len: int | None = None,
-                 layout: str | None = None, tokenizer: str | None = None, preset: str | None = None):
-        if preset is not None and preset not in self.PRESETS:
-            raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
-        given = dict(subset=subset, op_min=op_min, op_max=op_max, distractors=distractors, noise=noise,
-                     fill_tokens=fill_tokens, places=places, categories=categories, items=items,
-                     const_max=const_max, var_digits=var_digits, window=window, context_len=context_len,
-                     layout=layout, tokenizer=None if tokenizer is None else str(tokenizer))
-        options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
-                   **{k: v for k, v in given.items() if v is not None}}
+    def __init__(self, *, subset: str = "medium", op_min: int = 1, op_max: int = 4,
+                 distractors: int | tuple[int, int] = (1, 2), noise: int | tuple[int, int] = (0, 1),
+                 fill_tokens: int | tuple[int, int] = 0, places: int = 2, categories: int = 2, items: int = 3,
+                 const_max: int = 9, var_digits: int = 2, window: int = 64, context_len: int = 128,
+                 layout: str = "evict", tokenizer: str | None = None, benchmark_path: str | None = None,
+                 benchmark_train_path: str | None = None, benchmark_ops: int | tuple[int, int] = 0,
+                 benchmark_template: str | None = None, benchmark_mode: str | None = None):
+        # The defaults are the CPU-scale problems; experiments/configs/gsm_infinite.py has the paper-length ones.
+        options = dict(subset=subset, op_min=op_min, op_max=op_max, distractors=distractors, noise=noise,
+                       fill_tokens=fill_tokens, places=places, categories=categories, items=items,
+                       const_max=const_max, var_digits=var_digits, window=window, context_len=context_len,
+                       layout=layout, tokenizer=None if tokenizer is None else str(tokenizer),
+                       benchmark_path=None if benchmark_path is None else str(benchmark_path),
+                       benchmark_train_path=None if benchmark_train_path is None else str(benchmark_train_path),
+                       benchmark_ops=benchmark_ops, benchmark_template=benchmark_template,
+                       benchmark_mode=benchmark_mode)
         for key in ("distractors", "noise"):
             if _is_int(options[key]):
                 options[key] = (int(options[key]), int(options[key]))
@@ -545,9 +541,19 @@ class GSMInfinite(Task):
                              f"window={self.window}), got {self.context_len}")
         self.seq_len = self.context_len + (self.pred_len if self.layout == "evict" else 0)
         # The salt leaves out how problems are tokenized and laid out: without fill_tokens the problems do not
-        # depend on it (with fill_tokens their length is counted in the encoder's tokens, within the layout's room).
+        # depend on it (with fill_tokens their length is counted in the encoder's tokens, within the layout's room),
+        # and the benchmark options (the generated problems stay those of a task without them).
         self._salt = "gsm_infinite|" + "|".join(f"{k}={v}" for k, v in sorted(options.items())
-                                                if k not in ("layout", "tokenizer"))
+                                                if k not in ("layout", "tokenizer") and not k.startswith("benchmark"))
+        # split -> the benchmark rows it reads (absent: generated problems); encoded rows cached by (file, row)
+        self._benchmark: dict[str, list[benchmark_lib.Row]] = {}
+        filters = dict(subset=self.subset, ops=self.benchmark_ops or None, template=self.benchmark_template,
+                       mode=self.benchmark_mode)
+        for split, path in (("test", self.benchmark_path), ("train", self.benchmark_train_path)):
+            if path is not None:
+                self._benchmark[split] = benchmark_lib.load(path, **filters)
+        self._eval_order = benchmark_lib.eval_order(self._benchmark["test"]) if "test" in self._benchmark else []
+        self._encoded: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def _validate(o: Mapping[str, Any]) -> None:
@@ -574,6 +580,11 @@ class GSMInfinite(Task):
         need_int("items", 1, min(len(items) for _, items in CATEGORIES.values()))
         need_int("const_max", 2, 100)
         need_int("var_digits", 2, 6)
+        for key in ("benchmark_path", "benchmark_train_path", "benchmark_template", "benchmark_mode"):
+            if o[key] is not None and not (isinstance(o[key], str) and o[key]):
+                raise ValueError(f"{key} must be None or a non-empty string, got {o[key]!r}")
+        if o["benchmark_ops"] != 0:
+            need_range("benchmark_ops", 0)
         if o["layout"] not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {o['layout']!r}")
         need_int("window", 1)
@@ -611,7 +622,8 @@ class GSMInfinite(Task):
         A problem whose answer starts at position ``start`` with a body (answer tokens and EOS) of B tokens is
         supervised exactly on [start + P - 1, start + P + B - 2] (P: the answer prefix's tokens). start is
         context_len in ``evict``; in ``stream`` it is the context's length: in ``_fill_span`` with fill_tokens,
-        else anywhere in 1..context_len - pred_len. B is in 2..pred_len - P (at least one answer token, then EOS).
+        else anywhere in 1..context_len - pred_len (also with fill_tokens when a split reads benchmark rows, whose
+        lengths are the file's). B is in 2..pred_len - P (at least one answer token, then EOS).
         A window is S when no such span reaches it, W when every one does, M otherwise."""
         window = self.window if window is None else int(window)
         if window < 1:
@@ -619,7 +631,7 @@ class GSMInfinite(Task):
         prefix = self._prefix_len
         if self.layout == "evict":
             start_min = start_max = self.context_len
-        elif self.fill_tokens:
+        elif self.fill_tokens and not self._benchmark:
             start_min, start_max = self._fill_span()
         else:
             start_min, start_max = 1, self.context_len - self.pred_len
@@ -863,9 +875,62 @@ class GSMInfinite(Task):
                            f"draws: lower distractors/noise or op_max, raise context_len, or (medium/hard) give "
                            f"more places/categories/items ({self.options})")
 
+    def benchmark_row(self, seed: int, index: int, split: str = "train") -> benchmark_lib.Row | None:
+        """The benchmark row behind ``example(seed, index, split)``, or None when the split is generated."""
+        rows = self._benchmark.get(split)
+        if rows is None:
+            return None
+        example_rng(seed, index, split, salt="")  # the same checks of seed and index as a generated example's
+        if split == "test":
+            if index >= len(self._eval_order):
+                raise ValueError(f"the benchmark's test split has {len(self._eval_order)} rows (benchmark_path="
+                                 f"{self.benchmark_path!r} after the filters), asked for example {index}: lower "
+                                 f"train.eval_size to at most {len(self._eval_order)}")
+            return rows[self._eval_order[index]]
+        # train: a row drawn from (seed, index) alone
+        return rows[int(example_rng(seed, index, split, salt="gsm_infinite_benchmark").integers(len(rows)))]
+
+    def _encode_row(self, row: benchmark_lib.Row) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(context ids, answer prefix ids, answer body ids) of a benchmark row: BOS, problem, question (the
+        encoder puts its first text first), then the answer; raises naming the row when it does not fit."""
+        where = f"benchmark row {row.row} of {row.file}"
+        try:
+            context = self._encoder.context(row.problem, row.question)
+        except ValueError as e:  # the closed vocabulary: a word it does not hold
+            raise ValueError(f"{where}: {e}; the closed vocabulary holds only this generator's words: read the "
+                             f"published rows with tokenizer=<a checkpoint's tokenizer.json>") from e
+        if isinstance(row.answer, list):
+            tokens, text = [t for name in row.answer for t in tokenize(name)], " ".join(row.answer)
+        else:
+            tokens, text = list(str(row.answer)), str(row.answer)
+        prefix, body = self._encoder.answer(tokens, text)
+        answer_len = len(prefix) + len(body)
+        if answer_len > self.pred_len:
+            raise ValueError(f"{where}: the answer {text!r} takes {answer_len} tokens, more than the prediction "
+                             f"window's {self.pred_len} (the longest answer of subset={self.subset!r}"
+                             f"{', var_digits=' + str(self.var_digits) if self.subset == 'symbolic' else ''})")
+        room = self.context_len if self.layout == "evict" else self.context_len - answer_len
+        if len(context) > room:
+            raise ValueError(f"{where}: its context is {len(context)} tokens, more than the {room} the "
+                             f"{self.layout} layout leaves with context_len={self.context_len}: raise context_len "
+                             f"or keep fewer ops (benchmark_ops)")
+        return context, prefix, body
+
     def example(self, seed: int, index: int, split: str = "train") -> Example:
-        problem = self.problem(seed, index, split)
-        context, prefix, body = self._encode(problem)
+        row = self.benchmark_row(seed, index, split)
+        if row is not None:
+            key = (row.file, row.row)
+            if key not in self._encoded:
+                self._encoded[key] = self._encode_row(row)
+            context, prefix, body = self._encoded[key]
+            meta = dict(problem=row.problem, question=row.question, answer=row.answer, op=row.op,
+                        subset=self.subset, solution=row.solution, template=row.template, mode=row.mode,
+                        benchmark_file=row.file, benchmark_row=row.row)
+        else:
+            problem = self.problem(seed, index, split)
+            context, prefix, body = self._encode(problem)
+            meta = dict(problem=problem.text, question=problem.question, answer=problem.answer, op=problem.op,
+                        subset=problem.subset, solution=problem.solution)
         answer = np.concatenate([prefix, body])
         tokens = np.full(self.seq_len, self._encoder.pad_id, dtype=np.int32)
         start = self.context_len if self.layout == "evict" else len(context)  # where the answer begins
@@ -878,9 +943,8 @@ class GSMInfinite(Task):
         supervised = slice(start + len(prefix) - 1, start + len(answer) - 1)
         loss_mask[supervised] = True
         item[supervised] = 0
-        meta = dict(item=item, difficulty=np.array([problem.op], dtype=np.int32), problem=problem.text,
-                    question=problem.question, answer=problem.answer, op=problem.op, subset=problem.subset,
-                    solution=problem.solution, num_tokens=len(context), answer_start=start)
+        meta = dict(item=item, difficulty=np.array([meta["op"]], dtype=np.int32), **meta, num_tokens=len(context),
+                    answer_start=start)
         return Example(tokens=tokens, loss_mask=loss_mask, meta=meta)
 
     def export_jsonl(self, path: str, seed: int, count: int, split: str = "test") -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -60,21 +60,8 @@ class Rule110(Task):
     boundary), so the same strings are held out across a sweep over t.
     """
 
-    DEFAULTS: Mapping[str, Any] = dict(width=24, strings=4, t=4, boundary="periodic")
-    PRESETS: Mapping[str, Mapping[str, Any]] = {
-        "paper": dict(width=24, strings=4, t=4, boundary="periodic"),
-        "paper_t32": dict(width=24, strings=4, t=32, boundary="periodic"),
-    }
-
-    def __init__(self, *, width: int | None = None, strings: int | None = None, t: int | None = None,
-                 boundary: str | None = None, preset: str | None = None):
-        if preset is not None and preset not in self.PRESETS:
-            raise ValueError(f"preset must be one of {tuple(self.PRESETS)} or None, got {preset!r}")
-        given = dict(width=width, strings=strings, t=t, boundary=boundary)
-        options = {**self.DEFAULTS, **self.PRESETS.get(preset, {}),
-                   **{k: v for k, v in given.items() if v is not None}}
-        self.options = options
-        width, strings, t, boundary = (options[k] for k in ("width", "strings", "t", "boundary"))
+    def __init__(self, *, width: int = 24, strings: int = 4, t: int = 4, boundary: str = "periodic"):
+        self.options = dict(width=width, strings=strings, t=t, boundary=boundary)
 
         if not _is_int(width) or width < 3:
             raise ValueError(f"width must be an int >= 3, got {width!r}")

@@ -1,0 +1,1 @@
+"""Config files of the launchers (big_vision style): ``<task>.py`` has ``get_config(preset)``; see common.py."""
