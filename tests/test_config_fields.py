@@ -196,6 +196,7 @@ def test_the_learning_rates_applied_are_the_schedule(kind):
     np.testing.assert_allclose([logged(t + 1)["adam_lr"] for t in range(14)], applied, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_runs_the_optimizer_of_its_config(long_run):
     """train() ends where the pure step, run with ``make_optimizer(cfg)``, ends on the same batches: what the
     schedule test above shows of make_optimizer holds for a run (a field dropped on its way to the jitted step
@@ -212,6 +213,7 @@ def test_train_runs_the_optimizer_of_its_config(long_run):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_seed_draws_the_initial_parameters_and_the_batches(base):
     """The loss logged at step 1 is that of ``init(PRNGKey(seed))`` on the batch ``task.batch(seed, 0)``."""
     logged = read_metrics(base["workdir"] / "metrics.jsonl")[0]
@@ -223,6 +225,7 @@ def test_seed_draws_the_initial_parameters_and_the_batches(base):
     assert not np.array_equal(batch["tokens"], other), "seed 5 and the default seed must differ for this to test"
 
 
+@pytest.mark.slow
 def test_the_held_out_set_is_eval_size_items_of_eval_seed_in_eval_batch_size_batches(base):
     evaluated = base["evaluated"][-1]
     assert [len(b["tokens"]) for b in evaluated] == [4, 2]  # eval_size 6 in batches of 4
@@ -236,11 +239,13 @@ def test_the_held_out_set_is_eval_size_items_of_eval_seed_in_eval_batch_size_bat
                                                      schedule=TASK.sleep_schedule(MODEL.window))
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_keeps_only_the_newest(long_run):
     """A checkpoint every step, keep 2: the last two stay (every one kept would fill a pod's disk)."""
     assert sorted(finished_checkpoints(long_run["workdir"])) == [2, 3]
 
 
+@pytest.mark.slow
 def test_grad_accum_reaches_the_step(long_run):
     """The jitted step computes its gradient over grad_accum micro-batches (test_train_grad_accum.py shows what that
     computes; equal results would not show it was done, so the step is watched as it is traced)."""

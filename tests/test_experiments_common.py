@@ -28,7 +28,8 @@ def launch(module, *args, env=None):
     pytest.param("experiments.depo", ["--config=huge"], "config", marks=SLOW),
     pytest.param("experiments.depo", ["--config=experiments/configs/depo.py:huge"], "preset must be one of",
                  marks=SLOW),
-    ("experiments.gsm_infinite", ["--config.train.mesh=data:3"], "config.train: mesh='data:3' uses 3 devices"),
+    pytest.param("experiments.gsm_infinite", ["--config.train.mesh=data:3"],
+                 "config.train: mesh='data:3' uses 3 devices", marks=SLOW),
     pytest.param("experiments.rule110", ["--workdir=/proc/no_such_dir/run"], "workdir", marks=SLOW),
     ("experiments.depo", ["--config.model.d_modle=3"], "--config.model.d_modle"),
     pytest.param("experiments.depo", ["--config.model.d_model=0"],
@@ -55,7 +56,7 @@ def test_bad_flags_fail_at_start(module, args, needle, tmp_path):
     pytest.param("--max_hops=3", "--config.task.max_hops=3", marks=SLOW),
     pytest.param("--init_from=/ckpt/qwen3", "--config.train.init_from=/ckpt/qwen3", marks=SLOW),
     pytest.param("--mesh=data:8", "--config.train.mesh=data:8", marks=SLOW),
-    ("--sleep_layers=7:21", "--config.model.sleep_layers=7,21"),
+    pytest.param("--sleep_layers=7:21", "--config.model.sleep_layers=7,21", marks=SLOW),
     pytest.param("--dtype=bfloat16", "--config.model.dtype=bfloat16", marks=SLOW),
 ])
 def test_a_removed_flag_names_its_replacement(removed, replacement, tmp_path):

@@ -85,7 +85,8 @@ def test_matches_xla_path_and_dot_product_attention():
     assert rel_err(o_dispatch, attention.xla_window_attention(q, k, v, sliding_window=7)) < 1e-5
 
 
-@pytest.mark.parametrize("platform,window", [pytest.param("gpu", 7, marks=SLOW), ("tpu", None)])
+@pytest.mark.slow
+@pytest.mark.parametrize("platform,window", [("gpu", 7), ("tpu", None)])
 def test_xla_backward_matches_references(platform, window):
     """backward="xla": the same Pallas forward, and gradients by XLA autodiff of the XLA attention (no backward
     kernels) that match jax.nn.dot_product_attention's and the float64 reference's; the public

@@ -133,7 +133,8 @@ def grads_without_remat():
     return params, loss_grad(params)
 
 
-@pytest.mark.parametrize("remat", [pytest.param("pass", marks=SLOW), pytest.param("window", marks=SLOW), "both"])
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["pass", "window", "both"])
 def test_gradients_flow_through_four_passes(remat, grads_without_remat):
     params, expected = grads_without_remat
     with_remat = params.replace(config=params.config.replace(remat=remat))

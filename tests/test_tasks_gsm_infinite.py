@@ -500,7 +500,7 @@ def check_filled(task, examples):
             assert not ex.loss_mask[:task.window].any(), "supervised in the first window"
 
 
-@pytest.mark.parametrize("preset", ["paper", "paper_sliding", "paper_symbolic"])
+@pytest.mark.parametrize("preset", ["paper", pytest.param("paper_sliding", marks=pytest.mark.slow), "paper_symbolic"])
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_paper_fill_within_range_and_first_window_asleep(preset, split):
     # catches: the fill loop giving up on the first statement that overshoots its target, below fill_tokens' lo
