@@ -241,10 +241,6 @@ FAMILIES: dict[str, Callable[[dict], tuple[dict, str]]] = {
 
 
 # Block tensors: (sleepjax key path, Hugging Face name, how the HF [out, in] tensor maps to ours). Shapes are ours.
-def _linear(x):
-    return x.T
-
-
 def _attention_names(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str, tuple[int, ...]]]:
     d, H, Hkv, D = cfg.d_model, cfg.attn_heads, cfg.attn_kv_heads, cfg.attn_head_dim
     names = [(("wk",), "self_attn.k_proj.weight", (d, Hkv * D)), (("wv",), "self_attn.v_proj.weight", (d, Hkv * D)),
