@@ -6,7 +6,9 @@ and extrapolates to the full depth. Parameters and optimizer state are counted e
     python bench/pretrained_memory.py --depths=4,8 --sleep_n=1,4,8 --batch=1,2 --seq=4000 --window=2000 --json=/tmp/m.json
 
 The default sizes are ours (d = 2048, 24 layers of 3 GDN : 1 gated attention, MLP 6144, vocab 151,936), NOT a
-released checkpoint's config: point --from_config at a checkpoint's config.json to measure that model instead.
+released checkpoint's config: point --from_config at a checkpoint's directory (its config.json: any family
+``sleepjax.pretrained`` reads, e.g. Jet-Nemotron, or Ouro with ``--insert_gdn=6 --insert_kind=jet``; a looped model's
+slice keeps its loop count) to measure that model instead.
 Temporaries are measured at each --batch (sequences per device): the difference between two batch sizes is what
 each added sequence costs. Parameters and optimizer state divide by the FSDP size. The step runs the sleep schedule
 of its mask (the windows before the answer's sleep: S...SW), as the trainer does for a task with that layout.
@@ -31,9 +33,16 @@ def model_config(args, depth: int, sleep_n: int) -> sleepjax.ModelConfig:
     if args.from_config:
         from sleepjax import pretrained
 
-        base = pretrained.load_config(args.from_config)
-        return base.replace(layers=tuple(base.layers[i % len(base.layers)] for i in range(depth)), window=args.window,
-                            sleep_n=sleep_n, remat=args.remat, dtype=args.dtype, sleep_layers=None)
+        base = pretrained.load_config(args.from_config, insert_gdn=args.insert_gdn, insert_kind=args.insert_kind)
+        period = len(base.layers)
+
+        def repeated(indices):  # a per-layer index list of the checkpoint, continued over the slice's layers
+            return tuple(i for i in range(depth) if i % period in indices)
+
+        return base.replace(layers=tuple(base.layers[i % period] for i in range(depth)), window=args.window,
+                            mlp_free_layers=repeated(base.mlp_free_layers),
+                            sandwich_norm_layers=repeated(base.sandwich_norm_layers), sleep_n=sleep_n,
+                            remat=args.remat, dtype=args.dtype, sleep_layers=None)
     return sleepjax.ModelConfig(
         vocab_size=151_936, d_model=2048, layers=layers, attn_heads=8, attn_kv_heads=2, attn_head_dim=256,
         gdn_heads=16, gdn_value_heads=16, gdn_key_dim=128, gdn_value_dim=128, mlp_dim=6144, window=args.window,
@@ -51,7 +60,9 @@ def main():
     ap.add_argument("--window", type=int, default=2000)
     ap.add_argument("--remat", default="both")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--from_config", default=None)
+    ap.add_argument("--from_config", default=None, help="a checkpoint directory (its config.json)")
+    ap.add_argument("--insert_gdn", type=int, default=0, help="with --from_config: layers inserted (fine-tuning)")
+    ap.add_argument("--insert_kind", default="gdn", choices=("gdn", "jet"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []

@@ -24,6 +24,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.configs import common as config_common
+
 FLAGS = flags.FLAGS
 BASELINES = ("transformer", "no_eviction", "compute_matched")
 
@@ -137,6 +139,9 @@ def build(task_name: str, config, run: RunSpec):
     from sleepjax.train import TrainConfig
 
     init_from = config.train.init_from
+    if init_from.startswith(config_common.REQUIRED):
+        raise ValueError(f"config.train.init_from: this preset fine-tunes a pretrained model; give "
+                         f"--config.train.init_from=DIR ({init_from[len(config_common.REQUIRED):]})")
     options = config.task.to_dict()
     if init_from and "tokenizer" in options and options["tokenizer"] is None:
         options["tokenizer"] = init_from  # a text task speaks the pretrained model's tokens
@@ -149,7 +154,7 @@ def build(task_name: str, config, run: RunSpec):
 
         policy = {k: fields[k] for k in _PRETRAINED_POLICY if fields[k] is not None}
         model_cfg = _validated("model", lambda: pretrained.load_config(
-            init_from, insert_gdn=config.train.insert_gdn, **policy))
+            init_from, insert_gdn=config.train.insert_gdn, insert_kind=config.train.insert_kind, **policy))
     else:
         model_cfg = _validated("model", lambda: ModelConfig(**fields))
     if run.baseline != "none":  # one window holds the whole sequence: nothing is ever evicted or slept over
@@ -164,6 +169,7 @@ def build(task_name: str, config, run: RunSpec):
         ratio = (layer_passes(model_cfg.replace(sleep_n=run.compute_match_n), mask, schedule)
                  / layer_passes(model_cfg, mask, schedule))
         train_fields["steps"] = math.ceil(train_fields["steps"] * ratio)
+        train_fields["epochs"] *= ratio  # a run counted in epochs: its steps come from them
     return task, model_cfg, _validated("train", lambda: TrainConfig(**train_fields))
 
 

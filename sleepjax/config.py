@@ -42,7 +42,14 @@ class ModelConfig:
     (RMSNorms scale by offset + weight: 1.0 for "zero-centred" norm weights; the GDN output norm excluded),
     ``mlp_free_layers`` (indices of layers without an MLP), ``tie_embeddings`` (logits use the embedding matrix),
     ``attn_bias`` (q/k/v projections with biases), ``swa_window`` (the keys a "swa" layer's query sees, itself
-    included; required when ``layers`` holds "swa").
+    included; required when ``layers`` holds "swa"), ``sandwich_norm_layers`` (layers whose mixer output and MLP
+    output are RMS-normalised before they join the residual stream: Ouro's four norms per layer).
+
+    Looping (Ouro's Universal-Transformer loop): ``loop_steps`` = T runs the stack T times per pass with shared
+    weights, each loop but the last ending in the final norm (the next loop starts from a normalised stream);
+    every loop of a layer has its own attention cache and fast weights. ``stack`` lists the T * len(layers) layer
+    runs in order; ``sleep_layers`` and the fast weights index it. A sleep pass over the whole stack is T more
+    loops: consecutive passes are separated by the final norm too.
 
     JetBlock ("jet" layers): ``jet_heads`` heads (query/key and value alike) of ``jet_key_dim`` / ``jet_value_dim``;
     v goes through a causal depthwise conv of ``jet_conv_size`` taps whose per-token, per-channel kernel is
@@ -88,14 +95,16 @@ class ModelConfig:
     jet_conv_size: int = 4
     jet_conv_reduction: int = 8
     jet_norm_eps: float = 1e-5
+    sandwich_norm_layers: tuple[int, ...] = ()
+    loop_steps: int = 1
 
     def __post_init__(self):
-        for name in ("layers", "sleep_layers", "mlp_free_layers"):
+        for name in ("layers", "sleep_layers", "mlp_free_layers", "sandwich_norm_layers"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = ("vocab_size", "d_model", "attn_heads", "attn_kv_heads", "attn_head_dim", "gdn_heads",
                     "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n",
-                    "jet_heads", "jet_key_dim", "jet_value_dim", "jet_conv_size", "jet_conv_reduction")
+                    "jet_heads", "jet_key_dim", "jet_value_dim", "jet_conv_size", "jet_conv_reduction", "loop_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -115,17 +124,20 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_dim must be None or an even int in [2, attn_head_dim="
                              f"{self.attn_head_dim}], got {self.rope_dim!r}")
         num_layers = len(self.layers)
+        depth = num_layers * self.loop_steps
         if self.sleep_layers is not None:
             if (not isinstance(self.sleep_layers, tuple) or len(self.sleep_layers) != 2
                     or not all(_is_int(i) for i in self.sleep_layers)
-                    or not 0 <= self.sleep_layers[0] < self.sleep_layers[1] <= num_layers):
+                    or not 0 <= self.sleep_layers[0] < self.sleep_layers[1] <= depth):
                 raise ValueError(f"ModelConfig.sleep_layers must be None or (start, stop) with 0 <= start < stop <= "
-                                 f"{num_layers} (the number of layers), got {self.sleep_layers!r}")
-        if (not isinstance(self.mlp_free_layers, tuple) or not all(_is_int(i) for i in self.mlp_free_layers)
-                or not all(0 <= i < num_layers for i in self.mlp_free_layers)
-                or len(set(self.mlp_free_layers)) != len(self.mlp_free_layers)):
-            raise ValueError(f"ModelConfig.mlp_free_layers must be a tuple of distinct layer indices in [0, "
-                             f"{num_layers}), got {self.mlp_free_layers!r}")
+                                 f"{depth} (the layer runs of a pass: len(layers) * loop_steps), got "
+                                 f"{self.sleep_layers!r}")
+        for name in ("mlp_free_layers", "sandwich_norm_layers"):
+            value = getattr(self, name)
+            if (not isinstance(value, tuple) or not all(_is_int(i) for i in value)
+                    or not all(0 <= i < num_layers for i in value) or len(set(value)) != len(value)):
+                raise ValueError(f"ModelConfig.{name} must be a tuple of distinct layer indices in [0, "
+                                 f"{num_layers}), got {value!r}")
         if "swa" in self.layers and (not _is_int(self.swa_window) or self.swa_window < 1):
             raise ValueError(f"ModelConfig.swa_window must be an int >= 1 when layers holds 'swa', got "
                              f"{self.swa_window!r}")
@@ -152,18 +164,33 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.chunk_size must be a positive multiple of 16, got {self.chunk_size!r}")
 
     @property
+    def stack(self) -> tuple[str, ...]:
+        """The layer kinds one pass runs, in order: ``layers`` repeated ``loop_steps`` times (run i uses the weights of
+        layer i % len(layers) and has its own carry: KV cache or fast weights)."""
+        return self.layers * self.loop_steps
+
+    def weights_of(self, run: int) -> int:
+        """The layer whose weights stack entry ``run`` uses."""
+        return run % len(self.layers)
+
+    def ends_loop(self, run: int) -> bool:
+        """True after stack entry ``run`` when a loop ends there and another follows (the final norm applies)."""
+        return (run + 1) % len(self.layers) == 0 and run + 1 < len(self.stack)
+
+    @property
     def num_gdn_layers(self) -> int:
         return sum(kind == "gdn" for kind in self.layers)
 
     @property
     def num_attn_layers(self) -> int:
-        """Layers with a KV cache ("attn" and "swa")."""
-        return sum(kind in ATTENTION_KINDS for kind in self.layers)
+        """Layer runs with a KV cache ("attn" and "swa", each loop its own)."""
+        return sum(kind in ATTENTION_KINDS for kind in self.stack)
 
     @property
     def num_fast_layers(self) -> int:
-        """Layers with fast weights ("gdn" and "jet"): the length of the model's FastWeights."""
-        return sum(kind in FAST_WEIGHT_KINDS for kind in self.layers)
+        """Layer runs with fast weights ("gdn" and "jet", each loop its own): the length of the model's
+        FastWeights."""
+        return sum(kind in FAST_WEIGHT_KINDS for kind in self.stack)
 
     @property
     def jet_generator_dim(self) -> int:
@@ -182,11 +209,22 @@ class ModelConfig:
 
     @property
     def sleep_layer_range(self) -> tuple[int, int]:
-        """(start, stop) of the layers the sleep passes loop."""
-        return self.sleep_layers or (0, len(self.layers))
+        """(start, stop) of the stack entries the sleep passes loop."""
+        return self.sleep_layers or (0, len(self.stack))
+
+    @property
+    def norm_between_passes(self) -> bool:
+        """A looped model whose sleep passes run the whole stack: each pass after the first starts from the final
+        norm of the previous one's output, as each Ouro loop does."""
+        return self.loop_steps > 1 and self.sleep_layer_range == (0, len(self.stack))
 
     def has_mlp(self, layer: int) -> bool:
-        return layer not in self.mlp_free_layers
+        """Whether layer (or stack entry) ``layer`` has an MLP."""
+        return self.weights_of(layer) not in self.mlp_free_layers
+
+    def has_sandwich_norm(self, layer: int) -> bool:
+        """Whether layer (or stack entry) ``layer`` normalises its mixer and MLP outputs."""
+        return self.weights_of(layer) in self.sandwich_norm_layers
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -18,13 +18,14 @@ from sleepjax.model import Params
 FREEZE = ("none", "pretrained")
 
 
-def pretrained_params(path: str | os.PathLike, model_cfg: ModelConfig, insert_gdn: int, seed: int) -> Params:
+def pretrained_params(path: str | os.PathLike, model_cfg: ModelConfig, insert_gdn: int, seed: int,
+                      insert_kind: str = "gdn") -> Params:
     """The checkpoint at ``path`` as float32 Params of ``model_cfg`` (which must describe the same weights: what the
     checkpoint's config gives, plus ``insert_gdn`` fresh layers drawn from ``seed``, plus overrides that change no
     shape such as window, sleep_n, sleep_layers, eviction, dtype or remat)."""
     from sleepjax import pretrained
 
-    params = pretrained.load(path, insert_gdn=insert_gdn, key=jax.random.PRNGKey(seed))
+    params = pretrained.load(path, insert_gdn=insert_gdn, insert_kind=insert_kind, key=jax.random.PRNGKey(seed))
     loaded = params.config
     shapes = {f.name for f in dataclasses.fields(ModelConfig)} - {
         "window", "sleep_n", "sleep_layers", "eviction", "dtype", "remat", "gdn_backend", "attn_backend",

@@ -97,7 +97,9 @@ def tree_shardings(tree, mesh: Mesh, axes_at, rules=None):
 def check_heads(config, mesh: Mesh) -> None:
     """The mixers run per head group under shard_map: head counts must split evenly over the tensor axis."""
     n = mesh.shape["tensor"]
-    for name in ("attn_heads", "attn_kv_heads", "gdn_heads", "gdn_value_heads"):
+    names = ("attn_heads", "attn_kv_heads", "gdn_heads", "gdn_value_heads") + (
+        ("jet_heads",) if "jet" in config.layers else ())
+    for name in names:
         if n > 1 and getattr(config, name) % n:
             raise ValueError(f"mesh tensor:{n} must divide ModelConfig.{name} ({getattr(config, name)})")
 

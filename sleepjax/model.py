@@ -134,6 +134,10 @@ def init_block(config: ModelConfig, layer: int, key) -> dict:
     if config.has_mlp(layer):
         block["norm2"] = _norm_weight(config, config.d_model)
         block["mlp"] = _init_mlp(mlp_key, config)
+    if config.has_sandwich_norm(layer):
+        block["mixer_out_norm"] = _norm_weight(config, config.d_model)
+        if config.has_mlp(layer):
+            block["mlp_out_norm"] = _norm_weight(config, config.d_model)
     return block
 
 
@@ -160,7 +164,7 @@ def init_state(params: Params, batch_size: int) -> FastWeights:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     cfg = params.config
     return tuple(jnp.zeros((int(batch_size),) + cfg.fast_weight_shape(kind), jnp.float32)
-                 for kind in cfg.layers if kind in FAST_WEIGHT_KINDS)
+                 for kind in cfg.stack if kind in FAST_WEIGHT_KINDS)
 
 
 # Logical axis names of every weight, by (block kind, name). "embed" is the model dimension (FSDP shards it),
@@ -169,7 +173,7 @@ def init_state(params: Params, batch_size: int) -> FastWeights:
 # heads: their channels interleave three head layouts.
 _LOGICAL_AXES = {
     "embed": ("vocab", "embed"), "unembed": ("embed", "vocab"), "final_norm": (None,),
-    "norm1": (None,), "norm2": (None,), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    "norm1": (None,), "norm2": (None,), "mixer_out_norm": (None,), "mlp_out_norm": (None,), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
     ("attn", "wq"): ("embed", "heads"), ("attn", "wk"): ("embed", "heads"), ("attn", "wv"): ("embed", "heads"),
     ("attn", "wo"): ("heads", "embed"), ("attn", "wq_gate"): ("embed", "heads"), ("attn", "q_norm"): (None,),
     ("attn", "k_norm"): (None,),
@@ -240,7 +244,7 @@ def check_state(state, params: Params, batch_size: int) -> None:
         raise ValueError(f"state must be a tuple of {cfg.num_fast_layers} fast weights (one per GDN or JetBlock "
                          f"layer, see init_state), got {type(state).__name__} of length "
                          f"{len(state) if hasattr(state, '__len__') else '?'}")
-    kinds = [kind for kind in cfg.layers if kind in FAST_WEIGHT_KINDS]
+    kinds = [kind for kind in cfg.stack if kind in FAST_WEIGHT_KINDS]
     for i, (s, kind) in enumerate(zip(state, kinds)):
         expected = (batch_size,) + cfg.fast_weight_shape(kind)
         if tuple(s.shape) != expected or s.dtype != jnp.float32:
@@ -277,27 +281,32 @@ def per_layer(cfg: ModelConfig, attn, gdn) -> tuple:
     layers (attn, swa), ``gdn`` for the fast-weight layers (gdn, jet; a layer's fast weights are ``FastWeights[j]``
     for the j-th of them)."""
     items = {"attn": iter(attn), "gdn": iter(gdn)}
-    return tuple(next(items[_group(kind)]) for kind in cfg.layers)
+    return tuple(next(items[_group(kind)]) for kind in cfg.stack)
 
 
 def of_kind(cfg: ModelConfig, by_layer, kind: str) -> tuple:
     """The entries of the layers of group ``kind`` ("attn": attn and swa; "gdn": gdn and jet), in layer order (the
     inverse of ``per_layer``)."""
-    return tuple(x for x, k in zip(by_layer, cfg.layers) if _group(k) == kind)
+    return tuple(x for x, k in zip(by_layer, cfg.stack) if _group(k) == kind)
 
 
 def layers_pass(params: Params, h, carries: tuple, span: layers.Span, lo: int = 0, hi: int | None = None):
-    """Layers lo..hi-1 (default: all) once, each norm -> mixer -> residual -> MLP: the one layer loop of a window,
-    the sleep passes and a streamed token. h [B, T, d] (a window) or [B, d] (one token, ``span.position``);
-    carries: one ``layers.Carry`` per layer, of which only those of layers lo..hi-1 change. Returns (h, carries)."""
+    """Stack entries lo..hi-1 (default: all; ``ModelConfig.stack``) once, each norm -> mixer -> residual -> MLP,
+    and the final norm where a loop of a looped model ends: the one layer loop of a window, the sleep passes and a
+    streamed token. h [B, T, d] (a window) or [B, d] (one token, ``span.position``); carries: one ``layers.Carry``
+    per stack entry, of which only those of entries lo..hi-1 change. Returns (h, carries)."""
     cfg = params.config
     carries = list(carries)
-    for i in range(lo, len(cfg.layers) if hi is None else hi):
-        p = params.layers[i]
-        out, carries[i] = layers.BLOCKS[cfg.layers[i]](p, layers.norm(h, p["norm1"], cfg), carries[i], span, cfg)
-        h = h + out
+    for i in range(lo, len(cfg.stack) if hi is None else hi):
+        p = params.layers[cfg.weights_of(i)]
+        sandwich = cfg.has_sandwich_norm(i)
+        out, carries[i] = layers.BLOCKS[cfg.stack[i]](p, layers.norm(h, p["norm1"], cfg), carries[i], span, cfg)
+        h = h + (layers.norm(out, p["mixer_out_norm"], cfg) if sandwich else out)
         if cfg.has_mlp(i):
-            h = h + layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
+            out = layers.mlp(p["mlp"], layers.norm(h, p["norm2"], cfg))
+            h = h + (layers.norm(out, p["mlp_out_norm"], cfg) if sandwich else out)
+        if cfg.ends_loop(i):
+            h = layers.norm(h, params.final_norm, cfg)
     return h, tuple(carries)
 
 
@@ -359,13 +368,16 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     """
     cfg = params.config
     lo, hi = cfg.sleep_layer_range
-    depth = len(cfg.layers)
+    depth = len(cfg.stack)
     sliding = context is not None
     run = functools.partial(layers_pass, params, span=layers.Span(valid=valid))
     h, carries = run(h, _window_carries(params, h, state, context), lo=0, hi=lo)
 
     def one_pass(h, carries, i):
-        return _after_pass(i, sleeps, h, carries, *run(h, carries, lo=lo, hi=hi))
+        h_in = h
+        if cfg.norm_between_passes:  # a looped model: each sleep pass is more loops, each from a normalised stream
+            h_in = jnp.where(i > 0, layers.norm(h, params.final_norm, cfg), h)
+        return _after_pass(i, sleeps, h, carries, *run(h_in, carries, lo=lo, hi=hi))
 
     # Remat where it pays: a pass checkpoint keeps only the pass's input until the backward. Under "both" the
     # window checkpoint already does that for a window of one pass, and the last window's single pass is
@@ -387,7 +399,7 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
 
     # Sliding eviction keeps the wake pass's keys/values of the layers after the sleep layers too: those layers
     # then also run once on the first pass's output (their fast weights from that run are discarded).
-    suffix_attention = any(kind in ATTENTION_KINDS for kind in cfg.layers[hi:])
+    suffix_attention = any(kind in ATTENTION_KINDS for kind in cfg.stack[hi:])
     h_wake = h if sliding and suffix_attention and n > 1 else None
     (h, carries, h_wake), _ = jax.lax.scan(body, (h, carries, h_wake), jnp.arange(n))
     if h_wake is not None:
@@ -639,7 +651,7 @@ def layer_passes(cfg: ModelConfig, loss_mask, schedule: str | None = None) -> in
     schedule = resolve_schedule(cfg, np.asarray(loss_mask, bool), schedule)
     wakes = schedule.count(schedule_lib.WAKE)
     lo, hi = cfg.sleep_layer_range
-    depth = len(cfg.layers)
+    depth = len(cfg.stack)
     return wakes * depth + (len(schedule) - wakes) * (depth - (hi - lo) + cfg.sleep_n * (hi - lo))
 
 

@@ -16,6 +16,11 @@ Families (``FAMILIES``, by config.json's ``model_type``):
   ``layer_types`` are "jet" (JetBlock: sleepjax's "jet" layer kind), "attn" (full attention with q/k/v biases) and
   "swa" (the same attention, each query seeing the last ``efficient_attention_config.swa.window_size`` keys:
   sleepjax's "swa" kind, within sleepjax's window as every attention layer is); tied or untied embeddings.
+* ``ouro``: Ouro (ByteDance's looped LM; remote code, ``OuroForCausalLM``): attention-only layers (no biases, no
+  q/k norm, full RoPE) with four norms each (sleepjax's ``sandwich_norm_layers``: the mixer and MLP outputs are
+  normalised too), the whole stack looped ``total_ut_steps`` times with the final norm closing every loop
+  (``loop_steps``). Its logits are those of the last loop, Ouro's default exit; the early-exit gate is read and
+  dropped (sleepjax trains and scores the last loop; ``save`` writes the ``sleepjax`` format, without it).
 * ``sleepjax``: what ``save`` writes for a model no Hugging Face class describes (e.g. Qwen3 + inserted GDN): the
   same tensor names, and the full ``ModelConfig`` in config.json.
 
@@ -114,8 +119,8 @@ class _Tensors:
 
 
 def _need(cfg: dict, key: str, where: str):
-    if key not in cfg:
-        raise CheckpointError(f"config.json ({where}) lacks {key!r}: refusing to guess a shape")
+    if cfg.get(key) is None:
+        raise CheckpointError(f"config.json ({where}) lacks {key!r} (missing or null): refusing to guess a shape")
     return cfg[key]
 
 
@@ -226,9 +231,25 @@ def _jet_nemotron_fields(cfg: dict) -> tuple[dict, str]:
     return fields, "model."
 
 
+def _ouro_fields(cfg: dict) -> tuple[dict, str]:
+    """Ouro's config.json: Qwen2-style attention without biases or q/k norm (head_dim = hidden / heads unless given),
+    four norms per layer and ``total_ut_steps`` loops of the stack."""
+    if cfg.get("use_sliding_window", False) or "sliding_attention" in (cfg.get("layer_types") or []):
+        raise CheckpointError("config.json: Ouro sliding-window layers are not supported")
+    d, heads = int(_need(cfg, "hidden_size", "ouro")), int(_need(cfg, "num_attention_heads", "ouro"))
+    fields = _common_fields({**cfg, "head_dim": cfg.get("head_dim") or d // heads}, "ouro", 1.0)
+    layers = int(_need(cfg, "num_hidden_layers", "ouro"))
+    loops = cfg.get("total_ut_steps", 4)
+    if not isinstance(loops, int) or loops < 1:
+        raise CheckpointError(f"config.json: total_ut_steps must be an int >= 1, got {loops!r}")
+    fields.update(layers=("attn",) * layers, qk_norm=False, sandwich_norm_layers=tuple(range(layers)),
+                  loop_steps=loops)
+    return fields, "model."
+
+
 def _sleepjax_fields(cfg: dict) -> tuple[dict, str]:
     saved = dict(_need(cfg, "sleepjax_config", "sleepjax"))
-    for key in ("layers", "sleep_layers", "mlp_free_layers"):
+    for key in ("layers", "sleep_layers", "mlp_free_layers", "sandwich_norm_layers"):
         if isinstance(saved.get(key), list):
             saved[key] = tuple(saved[key])
     return saved, "model."
@@ -236,8 +257,10 @@ def _sleepjax_fields(cfg: dict) -> tuple[dict, str]:
 
 FAMILIES: dict[str, Callable[[dict], tuple[dict, str]]] = {
     "qwen3_5_text": _qwen3_5_fields, "qwen3_5": _qwen3_5_fields, "qwen3": _qwen3_fields,
-    "jet_nemotron": _jet_nemotron_fields, "sleepjax": _sleepjax_fields,
+    "jet_nemotron": _jet_nemotron_fields, "ouro": _ouro_fields, "sleepjax": _sleepjax_fields,
 }
+# Tensors a family's checkpoints hold that sleepjax reads and drops (see the module docstring).
+_DROPPED = {"ouro": ("early_exit_gate.weight", "early_exit_gate.bias")}
 
 
 # Block tensors: (sleepjax key path, Hugging Face name, how the HF [out, in] tensor maps to ours). Shapes are ours.
@@ -293,7 +316,12 @@ def _block_names(cfg: ModelConfig, layer: int):
     kind = cfg.layers[layer]
     names += (_attention_names(cfg) if kind in ATTENTION_KINDS else _jet_names(cfg) if kind == "jet"
               else _gdn_names(cfg))
-    return names + (_mlp_names(cfg) if cfg.has_mlp(layer) else [])
+    names += _mlp_names(cfg) if cfg.has_mlp(layer) else []
+    if cfg.has_sandwich_norm(layer):  # Ouro's names: the norms of the attention output and of the MLP output
+        names.append((("mixer_out_norm",), "input_layernorm_2.weight", (cfg.d_model,)))
+        if cfg.has_mlp(layer):
+            names.append((("mlp_out_norm",), "post_attention_layernorm_2.weight", (cfg.d_model,)))
+    return names
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -338,43 +366,66 @@ def inserted_positions(num_pretrained: int, count: int) -> tuple[int, ...]:
     return tuple(a + j for j, a in enumerate(after))
 
 
-def load_config(path: str | os.PathLike, *, insert_gdn: int = 0, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (plus ``insert_gdn`` MLP-free GDN layers and any overrides)."""
+INSERT_KINDS = ("gdn", "jet")
+
+
+def _insert_layers(fields: dict, count: int, kind: str) -> None:
+    """``count`` MLP-free layers of ``kind`` evenly spaced among the checkpoint's (``inserted_positions``); the
+    per-layer index lists follow their layers. A kind the checkpoint lacks gets sizes from its attention: GDN
+    key heads = KV heads and value heads = query heads of the head dim; JetBlock heads = query heads, key dim = the
+    head dim, value dim twice it (Jet-Nemotron-4B's expand_v)."""
+    num = len(fields["layers"])
+    positions = inserted_positions(num, count)
+    kept = [i for i in range(num + count) if i not in positions]  # kept[j]: the new index of checkpoint layer j
+    kinds = [kind] * (num + count)
+    for j, old in enumerate(fields["layers"]):
+        kinds[kept[j]] = old
+    for name in ("mlp_free_layers", "sandwich_norm_layers"):
+        fields[name] = tuple(kept[j] for j in fields.get(name, ()))
+    fields["mlp_free_layers"] += positions
+    if kind not in fields["layers"]:
+        heads, dim = fields["attn_heads"], fields["attn_head_dim"]
+        if kind == "gdn":
+            fields.update(gdn_heads=fields["attn_kv_heads"], gdn_value_heads=heads, gdn_key_dim=dim,
+                          gdn_value_dim=dim)
+        else:
+            fields.update(jet_heads=heads, jet_key_dim=dim, jet_value_dim=2 * dim)
+    fields["layers"] = tuple(kinds)
+
+
+def load_config(path: str | os.PathLike, *, insert_gdn: int = 0, insert_kind: str = "gdn",
+                **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (plus ``insert_gdn`` MLP-free layers of ``insert_kind``, GDN or
+    JetBlock, and any overrides)."""
     path = Path(path)
     hf = _read_config(path)
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; supported: {tuple(FAMILIES)}")
     fields, _ = FAMILIES[model_type](hf)
-    if not isinstance(insert_gdn, int) or insert_gdn < 0:
+    if not isinstance(insert_gdn, int) or isinstance(insert_gdn, bool) or insert_gdn < 0:
         raise ValueError(f"insert_gdn must be an int >= 0, got {insert_gdn!r}")
+    if insert_kind not in INSERT_KINDS:
+        raise ValueError(f"insert_kind must be one of {INSERT_KINDS}, got {insert_kind!r}")
     if insert_gdn:
-        had_gdn = "gdn" in fields["layers"]
-        positions = inserted_positions(len(fields["layers"]), insert_gdn)
-        kinds = list(fields["layers"])
-        for p in positions:
-            kinds.insert(p, "gdn")
-        fields["layers"] = tuple(kinds)
-        fields["mlp_free_layers"] = tuple(fields.get("mlp_free_layers", ())) + positions
-        if not had_gdn:  # GDN sizes follow the attention's: key heads = KV heads, value heads = query heads
-            fields.update(gdn_heads=fields["attn_kv_heads"], gdn_value_heads=fields["attn_heads"],
-                          gdn_key_dim=fields["attn_head_dim"], gdn_value_dim=fields["attn_head_dim"])
+        _insert_layers(fields, insert_gdn, insert_kind)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
     if unknown:
         raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
     return ModelConfig(**{**fields, **overrides})
 
 
-def load(path: str | os.PathLike, *, insert_gdn: int = 0, key=None, **overrides: Any) -> Params:
+def load(path: str | os.PathLike, *, insert_gdn: int = 0, insert_kind: str = "gdn", key=None,
+         **overrides: Any) -> Params:
     """float32 ``Params`` from a local Hugging Face checkpoint directory (see the module docstring).
 
-    insert_gdn: K fresh GDN layers without an MLP, evenly spaced (initialised from ``key``, default PRNGKey(0);
-    output projections zero). overrides: ModelConfig fields (window, sleep_n, sleep_layers, dtype, remat, ...).
+    insert_gdn: K fresh layers without an MLP, evenly spaced, of ``insert_kind`` ("gdn", or "jet": JetBlocks as in
+    the paper's Ouro runs), initialised from ``key`` (default PRNGKey(0)) with their output projections at zero. overrides: ModelConfig fields (window, sleep_n, sleep_layers, dtype, remat, ...).
     Raises CheckpointError naming the missing file, unsupported model_type, missing or mis-shaped tensor.
     """
     path = Path(path)
     hf = _read_config(path)
-    cfg = load_config(path, insert_gdn=insert_gdn, **overrides)
+    cfg = load_config(path, insert_gdn=insert_gdn, insert_kind=insert_kind, **overrides)
     _, prefix = FAMILIES[hf["model_type"]](hf)
     tensors = _Tensors(path, prefix)
     inserted = set(inserted_positions(len(cfg.layers) - insert_gdn, insert_gdn)) if insert_gdn else set()
@@ -390,7 +441,8 @@ def load(path: str | os.PathLike, *, insert_gdn: int = 0, key=None, **overrides:
     embed = tensors.get("embed_tokens.weight", (cfg.vocab_size, cfg.d_model))
     final_norm = tensors.get("norm.weight", (cfg.d_model,))
     unembed = None if cfg.tie_embeddings else tensors.get("lm_head.weight", (cfg.vocab_size, cfg.d_model)).T
-    unused = [n for n in tensors.unused() if not (cfg.tie_embeddings and n == "lm_head.weight")]
+    dropped = {prefix + name for name in _DROPPED.get(hf["model_type"], ())}
+    unused = [n for n in tensors.unused() if not (cfg.tie_embeddings and n == "lm_head.weight") and n not in dropped]
     if unused:
         raise CheckpointError(f"the checkpoint holds tensors this model does not use: {unused[:5]}"
                               f"{' ...' if len(unused) > 5 else ''} (an unsupported variant?)")
@@ -401,6 +453,8 @@ def load(path: str | os.PathLike, *, insert_gdn: int = 0, key=None, **overrides:
 def family_of(cfg: ModelConfig) -> str:
     """The format ``save`` writes: a Hugging Face family when one describes the model exactly, else "sleepjax"."""
     all_mlp = not cfg.mlp_free_layers
+    if cfg.sandwich_norm_layers or cfg.loop_steps > 1:
+        return "sleepjax"
     if (all_mlp and cfg.attn_bias and not cfg.qk_norm and not cfg.attn_output_gate and cfg.norm_weight_offset == 0.0
             and cfg.rope_dim is None and cfg.num_gdn_layers == 0):
         return "jet_nemotron"

@@ -74,10 +74,12 @@ def check_same_run(workdir: Path, saved: dict | None, description: dict, has_che
     if saved is None:
         return
     new = json.loads(json.dumps(description))
-    diff = sorted(k for k in _diff_keys({k: saved.get(k) for k in _COMPARED}, new) if k != "train.steps")
+    # steps grows to extend a run; epochs is how many steps it has when a run counts them
+    diff = sorted(k for k in _diff_keys({k: saved.get(k) for k in _COMPARED}, new)
+                  if k not in ("train.steps", "train.epochs"))
     if diff:
         raise ValueError(f"workdir {str(workdir)!r} holds a run with other settings ({', '.join(diff)}); use a "
-                         f"fresh --workdir or the same settings to resume (only --steps may grow, to extend it)")
+                         f"fresh --workdir or the same settings to resume (only the step count may grow, to extend it: steps, or epochs)")
     if has_checkpoint and new["train"]["steps"] < saved["train"]["steps"]:
         raise ValueError(f"workdir {str(workdir)!r} holds a run of {saved['train']['steps']} steps (train.steps) "
                          f"and steps={new['train']['steps']} would shorten it; steps can only grow (to extend the "

@@ -36,7 +36,7 @@ def _empty_caches(params: Params, batch_size: int):
     dtype = layers.dtype_of(cfg)
     kv_shape = (batch_size, cfg.window, cfg.attn_kv_heads, cfg.attn_head_dim)
     kv = tuple((jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in range(cfg.num_attn_layers))
-    conv = tuple(jnp.zeros((batch_size,) + layers.conv_cache_shape(cfg, kind), dtype) for kind in cfg.layers
+    conv = tuple(jnp.zeros((batch_size,) + layers.conv_cache_shape(cfg, kind), dtype) for kind in cfg.stack
                  if kind in FAST_WEIGHT_KINDS)
     return kv, conv
 

@@ -46,7 +46,7 @@ _OPTIMIZER_FIELDS = ("optimizer", "muon_lr", "adam_lr", "weight_decay", "warmup_
                      "final_lr_fraction", "grad_clip")
 
 
-_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "freeze", "freeze_steps", "grad_accum")
+_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "insert_kind", "freeze", "freeze_steps", "grad_accum")
 
 
 @functools.lru_cache(maxsize=8)
@@ -186,7 +186,8 @@ class _Run:
         cfg, model_cfg = self.cfg, self.model_cfg
         tx = make_optimizer(cfg, self.schedule_steps)
         if cfg.init_from:
-            pretrained = finetune.pretrained_params(cfg.init_from, model_cfg, cfg.insert_gdn, cfg.seed)
+            pretrained = finetune.pretrained_params(cfg.init_from, model_cfg, cfg.insert_gdn, cfg.seed,
+                                                      cfg.insert_kind)
             return jax.jit(lambda p: init_train_state(model_cfg, cfg, tx, p),
                            out_shardings=self.state_sharding)(pretrained)
         return jax.jit(lambda: init_train_state(model_cfg, cfg, tx), out_shardings=self.state_sharding)()
@@ -267,7 +268,7 @@ class _Run:
         cfg, tokens_per_step = self.cfg, self.cfg.batch_size * self.task.seq_len
         steps_per_s = self.progress.rate.take()  # None for a window of only a process's first (compiling) step
         row = {**self.progress.mean.take(), **self.lr_at(done), "sequences": done * cfg.batch_size,
-               "tokens": done * tokens_per_step, "elapsed_s": _now() - self.t_run}
+               "tokens": done * tokens_per_step, **_epochs_at(cfg, done), "elapsed_s": _now() - self.t_run}
         row["slept_fraction"] = model_lib.slept_fraction(row)
         if row["slept_fraction"] < 1.0 or row["slept_supervised"] > 0:
             self.warn_once("train_slept", f"steps up to {done}: only {row['slept_fraction']:.4f} of the "
@@ -278,7 +279,8 @@ class _Run:
         self.log.write(done, "train", row)
         eta = (cfg.steps - done) / steps_per_s if steps_per_s else float("nan")
         speed = f"{row['tokens_per_s'] / 1e3:.1f}k tok/s" if steps_per_s else "compiling"
-        self.log.line(f"step {done}/{cfg.steps}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
+        epoch = f"  epoch {row['epoch']:.2f}/{_epochs_at(cfg, cfg.steps)['epoch']:.2f}" if "epoch" in row else ""
+        self.log.line(f"step {done}/{cfg.steps}{epoch}  loss {row['loss']:.4f}  acc {row['accuracy']:.3f}  "
                       f"slept {row['slept_fraction']:.2f}  {speed}  ETA {format_duration(eta)}  "
                       f"(eval exact {self.last_eval.get('exact', float('nan')):.3f})")
 
@@ -292,7 +294,7 @@ class _Run:
             self.warn_once("eval_slept", f"evaluation at step {step}: only {result['slept_fraction']:.4f} of the "
                            "example-windows that should have slept did")
         self.log.write(step, "eval", {**result, "sequences": step * cfg.batch_size,
-                                      "tokens": step * cfg.batch_size * task.seq_len})
+                                      "tokens": step * cfg.batch_size * task.seq_len, **_epochs_at(cfg, step)})
         self.log.line(f"eval @ {step}: exact {result['exact']:.3f}  loss {result['loss']:.4f}  "
                       f"slept {result['slept_fraction']:.2f}  " +
                       "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in result.items() if k.startswith("exact/")),
@@ -337,6 +339,7 @@ class _Run:
         results = {
             "task": self.task.name, "sleep_n": self.model_cfg.sleep_n, "seed": cfg.seed, "steps": step,
             "sequences": step * cfg.batch_size, "tokens": step * cfg.batch_size * self.task.seq_len,
+            **_epochs_at(cfg, step),
             "num_params": model_lib.num_params(self.state.params), "difficulty_name": self.task.difficulty_name,
             "seconds_per_step": self.progress.rate.seconds_per_step(), "wall_clock_s": self.wall_clock(),
             "final_eval": self.last_eval, "devices": jax.device_count(), "mesh": dict(self.mesh.shape),
@@ -351,8 +354,14 @@ class _Run:
 
 
 def _batch_of(task: Task, cfg: TrainConfig, rows: slice, step: int) -> dict:
-    """This process's rows of the batch of ``step``: a pure function of (seed, step)."""
-    return task.batch(cfg.seed, step, cfg.batch_size, rows=rows)
+    """This process's rows of the batch of ``step``: a pure function of (seed, step) (with ``train_examples``, of
+    the fixed training set in each epoch's order: ``sleepjax/tasks/base.py``, ``batch_indices``)."""
+    return task.batch(cfg.seed, step, cfg.batch_size, rows=rows, train_examples=cfg.train_examples)
+
+
+def _epochs_at(cfg: TrainConfig, step: int) -> dict:
+    """{"epoch": passes made over the fixed training set after ``step`` steps} (fractional), or {} for a stream."""
+    return {"epoch": step * cfg.batch_size / cfg.train_examples} if cfg.train_examples else {}
 
 
 def _put_replicated(mesh):

@@ -5,6 +5,8 @@ field does what it says."""
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import math
 
 from sleepjax import finetune, optim
 
@@ -41,11 +43,21 @@ class TrainConfig:
     # layers; freeze="pretrained" trains only those layers for freeze_steps steps (0: the whole run).
     init_from: str = ""
     insert_gdn: int = 0
+    insert_kind: str = "gdn"  # what insert_gdn inserts: "gdn" layers, or "jet" (JetBlocks, the paper's Ouro runs)
     freeze: str = "none"
     freeze_steps: int = 0
     # A sliding-eviction model trains with hard eviction for its first warmup_eviction_steps steps (the paper's
     # warm-up, which it calls crucial for N > 1).
     warmup_eviction_steps: int = 0
+    # A fixed training set (the paper counts epochs): train_examples K > 0 trains on examples 0 .. K-1 of the train
+    # split only, each epoch in its own order (a pure function of seed and epoch: sleepjax/tasks/base.py,
+    # batch_indices); 0 = an endless stream of fresh examples. epochs > 0 REPLACES steps with
+    # ceil(epochs * K / batch_size); warmup_epochs > 0 REPLACES warmup_eviction_steps, and with freeze="pretrained"
+    # also freeze_steps, with round(warmup_epochs * K / batch_size) (the paper's sliding recipe: one epoch of only
+    # the new layers under hard eviction, then everything under sliding eviction). Both need train_examples.
+    train_examples: int = 0
+    epochs: float = 0.0
+    warmup_epochs: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_size", "eval_batch_size", "checkpoint_every",
@@ -72,9 +84,43 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.insert_kind not in ("gdn", "jet"):
+            raise ValueError(f"insert_kind must be 'gdn' or 'jet', got {self.insert_kind!r}")
         if self.freeze not in finetune.FREEZE:
             raise ValueError(f"freeze must be one of {finetune.FREEZE}, got {self.freeze!r}")
         if self.freeze != "none" and not self.insert_gdn:
             raise ValueError("freeze='pretrained' needs insert_gdn > 0: it trains only the inserted layers")
         if self.insert_gdn and not self.init_from:
             raise ValueError("insert_gdn needs init_from (the pretrained checkpoint to insert layers into)")
+        self._derive_from_epochs()
+
+    def _derive_from_epochs(self) -> None:
+        """train_examples / epochs / warmup_epochs: validated, then the step counts they set."""
+        K = self.train_examples
+        if not isinstance(K, int) or isinstance(K, bool) or K < 0:
+            raise ValueError(f"train_examples must be an int >= 0 (0: an endless stream), got {K!r}")
+        for name in ("epochs", "warmup_epochs"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
+            if value > 0 and not K:
+                raise ValueError(f"{name} ({value}) needs train_examples > 0: epochs count passes over a fixed "
+                                 f"training set")
+
+        def steps_of(epochs) -> fractions.Fraction:  # exact: 0.1 epoch of 30 examples at 3 a batch is 1 step, not 2
+            return fractions.Fraction(str(epochs)) * K / self.batch_size
+
+        if self.epochs > 0:
+            object.__setattr__(self, "steps", math.ceil(steps_of(self.epochs)))
+        if self.warmup_epochs > 0:
+            if self.epochs > 0 and not self.warmup_epochs < self.epochs:
+                raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs}): the "
+                                 "warm-up is the first phase of the run")
+            warmup = round(steps_of(self.warmup_epochs))
+            if warmup < 1:
+                raise ValueError(f"warmup_epochs ({self.warmup_epochs}) x train_examples ({K}) / batch_size "
+                                 f"({self.batch_size}) rounds to 0 steps: no warm-up at all")
+            object.__setattr__(self, "warmup_eviction_steps", warmup)
+            if self.freeze == "pretrained":
+                object.__setattr__(self, "freeze_steps", warmup)

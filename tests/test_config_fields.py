@@ -37,9 +37,17 @@ grad_accum             NEW test_grad_accum_reaches_the_step; test_train_grad_acc
 init_from              test_finetune.py::test_freeze_pretrained_trains_only_inserted_layers (frozen weights are
                        the checkpoint's)
 insert_gdn             test_finetune.py::test_freeze_pretrained_trains_only_inserted_layers (layers 1 and 3 inserted)
+insert_kind            test_experiments_paper_runs.py::test_presets_build_the_papers_settings (JetBlocks inserted
+                       through the launcher); test_pretrained_ouro.py::test_inserted_jet_blocks_keep_the_logits
 freeze                 test_finetune.py::test_freeze_pretrained_trains_only_inserted_layers
 freeze_steps           test_finetune.py::test_freeze_steps_then_everything_trains
 warmup_eviction_steps  test_finetune.py::test_sliding_warmup_trains_with_hard_eviction_first
+train_examples         test_train_epochs.py::test_train_runs_the_epochs_over_the_fixed_set (only examples 0..5
+                       drawn); test_train_epochs.py::test_rows_are_slices_of_the_full_batch (the trainer's batches)
+epochs                 test_train_epochs.py::test_train_runs_the_epochs_over_the_fixed_set (3 steps, not 40);
+                       test_train_epochs.py::test_epochs_set_the_steps_and_bad_settings_are_named
+warmup_epochs          test_train_epochs.py::test_epochs_set_the_steps_and_bad_settings_are_named (sets
+                       warmup_eviction_steps, and freeze_steps when freeze="pretrained", whose rows are above)
 
 ModelConfig field      test that fails if it is ignored
 ---------------------  --------------------------------------------------------------------------------------------
@@ -51,6 +59,9 @@ attn_output_gate, qk_norm, rope_dim, norm_weight_offset, mlp_free_layers, tie_em
 attn_bias, swa_window, jet_heads, jet_key_dim, jet_value_dim, jet_conv_size, jet_conv_reduction, jet_norm_eps
                        test_model_reference_jet.py (every one off its default in JET, against the float64 NumPy
                        reference); test_pretrained_jet.py::test_logits_match_jet_nemotron (Jet-Nemotron's logits)
+loop_steps, sandwich_norm_layers
+                       test_model_reference_loop.py (both off their defaults in LOOP, against the float64 NumPy
+                       reference); test_pretrained_ouro.py::test_logits_match_ouro (Ouro's logits at 3 loops and 1)
 dtype                  NEW test_bfloat16_changes_the_activations (test_model.py checks it stays close)
 remat                  NEW test_remat_puts_checkpoints_in_the_program
 gdn_backend            NEW test_backends_choose_the_kernels

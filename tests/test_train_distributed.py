@@ -21,6 +21,9 @@ from sleepjax.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS4 = dict(MICRO, attn_heads=4, attn_kv_heads=4, gdn_heads=4, gdn_value_heads=4)
+# A looped (Ouro-style) model with a JetBlock: its dynamic conv, generator and per-loop carries under a mesh.
+JET_LOOP4 = dict(HEADS4, layers=["attn", "jet"], loop_steps=2, sandwich_norm_layers=[0], mlp_free_layers=[1],
+                 jet_heads=4, jet_key_dim=8, jet_value_dim=8, jet_conv_reduction=4)
 
 _MESH_SCRIPT = """
 import json, sys, numpy as np, jax
@@ -48,10 +51,10 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def run_meshes(tmp_path, devices, meshes, restore_mesh=""):
+def run_meshes(tmp_path, devices, meshes, restore_mesh="", model=HEADS4):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     out = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path), json.dumps(meshes), restore_mesh,
-                          json.dumps(HEADS4)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+                          json.dumps(model)], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.split("REPORT")[-1])
 
@@ -70,6 +73,18 @@ def test_meshes_match_one_device_and_checkpoints_move_between_meshes(tmp_path):
     restored = many["restored"]
     assert restored["steps"] == 4
     np.testing.assert_allclose(restored["eval_loss"], many["data:8"]["eval_loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_looped_jet_model_on_a_mesh_trains_like_one_device(tmp_path):
+    """Catches a JetBlock or loop weight sharded wrongly (tensor axis over its heads, fsdp over d)."""
+    one = run_meshes(tmp_path / "single", 1, [""], model=JET_LOOP4)["one"]
+    many = run_meshes(tmp_path / "eight", 8, ["fsdp:2,tensor:4"], model=JET_LOOP4)
+    np.testing.assert_allclose(many["fsdp:2,tensor:4"]["losses"], one["losses"], rtol=2e-5)
+    reference = np.load(tmp_path / "single" / "one" / "params.npz")
+    params = np.load(tmp_path / "eight" / "fsdp:2,tensor:4" / "params.npz")
+    for key in reference.files:
+        np.testing.assert_allclose(params[key], reference[key], rtol=2e-4, atol=2e-6, err_msg=key)
 
 
 def _free_port():

@@ -39,10 +39,10 @@ class SigtermAt:
     def __getattr__(self, name):
         return getattr(self._task, name)
 
-    def batch(self, seed, step, batch_size, rows=None):
+    def batch(self, seed, step, batch_size, rows=None, **options):
         if step == self._step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return self._task.batch(seed, step, batch_size, rows=rows)
+        return self._task.batch(seed, step, batch_size, rows=rows, **options)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,15 @@ def train(**fields: Any) -> mlc.ConfigDict:
     return _section(TrainConfig, fields)
 
 
+REQUIRED = "REQUIRED: "
+
+
+def required(what: str) -> str:
+    """The value of a field the command line must set (a fine-tuning preset's init_from): the launcher stops
+    before any work and says which ``--config.`` override it needs and what it holds."""
+    return REQUIRED + what
+
+
 def either(value: Any) -> config_dict.FieldReference:
     """A field that is an int or a (lo, hi) pair: a command-line override is read as a Python literal."""
     return config_dict.FieldReference(value, field_type=object)

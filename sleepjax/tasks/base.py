@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 from typing import Any, Mapping, Sequence
 
@@ -46,6 +47,43 @@ def example_rng(seed: int, index: int, split: str, salt: str) -> np.random.Gener
         raise ValueError(f"seed and index must be integers (index >= 0), got seed={seed!r} index={index!r}")
     digest = hashlib.blake2b(f"{salt}|{split}|{int(seed)}|{int(index)}".encode(), digest_size=16).digest()
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+
+
+@functools.lru_cache(maxsize=4)  # a batch spans one or two epochs; the prefetcher builds the next batch meanwhile
+def epoch_order(seed: int, epoch: int, train_examples: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits a fixed set of ``train_examples`` examples (indices
+    ``0 .. train_examples - 1``): a permutation that depends only on (seed, epoch, train_examples). Read-only."""
+    if not isinstance(train_examples, (int, np.integer)) or train_examples < 1:
+        raise ValueError(f"train_examples must be an int >= 1, got {train_examples!r}")
+    order = example_rng(seed, epoch, "train", salt=f"epoch_order|{int(train_examples)}").permutation(
+        int(train_examples))
+    order.setflags(write=False)
+    return order
+
+
+def batch_indices(seed: int, step: int, batch_size: int, train_examples: int = 0) -> np.ndarray:
+    """The example indices of the batch of ``step`` (int64[batch_size]), a pure function of its arguments.
+
+    ``train_examples`` 0: an endless stream, examples ``step * batch_size .. step * batch_size + batch_size - 1``.
+    ``train_examples`` K > 0: a fixed set, examples ``0 .. K - 1``, visited once per epoch in ``epoch_order(seed,
+    epoch, K)``; the batch of ``step`` is positions ``step * batch_size ..`` of the concatenation of epoch 0's
+    order, epoch 1's, ... (an epoch may end inside a batch: its last examples and the next epoch's first share it).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if not isinstance(train_examples, (int, np.integer)) or isinstance(train_examples, bool) or train_examples < 0:
+        raise ValueError(f"train_examples must be an int >= 0, got {train_examples!r}")
+    positions = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    if not train_examples:
+        return positions
+    epochs, within = np.divmod(positions, train_examples)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        here = epochs == epoch
+        indices[here] = epoch_order(seed, int(epoch), int(train_examples))[within[here]]
+    return indices
 
 
 class Task(abc.ABC):
@@ -96,19 +134,17 @@ class Task(abc.ABC):
         return " ".join(self.vocab[int(t)] for t in tokens)
 
     def batch(self, seed: int, step: int, batch_size: int, split: str = "train",
-              rows: slice | None = None) -> dict[str, np.ndarray]:
-        """Examples ``step * batch_size + i`` for i in ``range(batch_size)[rows]``, stacked.
+              rows: slice | None = None, train_examples: int = 0) -> dict[str, np.ndarray]:
+        """Examples ``batch_indices(seed, step, batch_size, train_examples)[rows]`` of the stream ``(seed, split)``,
+        stacked: with ``train_examples`` 0 (an endless stream) examples ``step * batch_size + i`` for i in
+        ``range(batch_size)[rows]``; with K > 0 the fixed set of its first K examples, shuffled anew each epoch.
 
         ``rows`` lets each host of a multi-host run build only its slice of the global batch; the rows are
         the same whichever process builds them. Returns tokens int32[B,T], loss_mask bool[B,T],
         item int32[B,T], difficulty int32[B,Q].
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        indices = range(step * batch_size, (step + 1) * batch_size)[rows or slice(None)]
-        return stack([self.example(seed, i, split) for i in indices])
+        indices = batch_indices(seed, step, batch_size, train_examples)[rows or slice(None)]
+        return stack([self.example(seed, int(i), split) for i in indices])
 
     def eval_set(self, seed: int, size: int, batch_size: int) -> list[dict[str, np.ndarray]]:
         """A fixed held-out set: the first ``size`` test-split examples of ``seed``, in batches."""

@@ -49,7 +49,8 @@ MODELLED_FIELDS = frozenset({
     "gdn_value_heads", "gdn_key_dim", "gdn_value_dim", "conv_size", "mlp_dim", "window", "sleep_n", "ssm_rule",
     "rope_theta", "norm_eps", "eviction", "sleep_layers", "attn_output_gate", "qk_norm", "rope_dim",
     "norm_weight_offset", "mlp_free_layers", "tie_embeddings", "attn_bias", "swa_window", "jet_heads",
-    "jet_key_dim", "jet_value_dim", "jet_conv_size", "jet_conv_reduction", "jet_norm_eps",
+    "jet_key_dim", "jet_value_dim", "jet_conv_size", "jet_conv_reduction", "jet_norm_eps", "sandwich_norm_layers",
+    "loop_steps",
     "dtype", "remat", "gdn_backend", "attn_backend", "chunk_size",
 })
 L2_EPS = 1e-6
@@ -80,8 +81,11 @@ class Weights:
         self.unembed = self.embed.T if self.cfg.tie_embeddings else f64(params.unembed)
         self.layers = [{k: ({kk: f64(vv) for kk, vv in v.items()} if isinstance(v, dict) else f64(v))
                         for k, v in layer.items()} for layer in params.layers]
-        self.attn_index = {}  # layer -> its index among the attention layers (their kept keys/values)
-        for i, kind in enumerate(self.cfg.layers):
+        # Ouro-style looping: the layer list run loop_steps times, loop t of layer l is run t * L + l with its own
+        # KV cache / fast weights, and the final norm closes every loop but the last.
+        self.runs = list(self.cfg.layers) * self.cfg.loop_steps
+        self.attn_index = {}  # run -> its index among the attention runs (their kept keys/values)
+        for i, kind in enumerate(self.runs):
             if kind in ("attn", "swa"):
                 self.attn_index[i] = len(self.attn_index)
 
@@ -278,47 +282,56 @@ def run_layers(w: Weights, h, states, lo, hi, contexts=None):
     attention layer the previous window's (k, v) (sliding eviction) or None. Returns (h, states, {attention
     layer index: (k, v) of this window})."""
     cfg = w.cfg
-    states, kept, gdn_index = list(states), {}, sum(kind in ("gdn", "jet") for kind in cfg.layers[:lo])
+    states, kept, gdn_index = list(states), {}, sum(kind in ("gdn", "jet") for kind in w.runs[:lo])
+    num_layers = len(cfg.layers)
     for i in range(lo, hi):
-        p = w.layers[i]
+        layer = i % num_layers
+        p, kind = w.layers[layer], w.runs[i]
         x = model_norm(h, p["norm1"], cfg)
-        if cfg.layers[i] in ("attn", "swa"):
+        if kind in ("attn", "swa"):
             j = w.attn_index[i]
-            limit = cfg.swa_window if cfg.layers[i] == "swa" else None
+            limit = cfg.swa_window if kind == "swa" else None
             out, kept[j] = attention(p, x, cfg, contexts[j] if contexts else None, limit)
-        elif cfg.layers[i] == "jet":
+        elif kind == "jet":
             out, states[gdn_index] = jet(p, x, states[gdn_index], cfg)
             gdn_index += 1
         else:
             out, states[gdn_index] = gdn(p, x, states[gdn_index], cfg)
             gdn_index += 1
-        h = h + out
-        if i not in cfg.mlp_free_layers:
-            h = h + swiglu_mlp(p["mlp"], model_norm(h, p["norm2"], cfg))
+        sandwich = layer in cfg.sandwich_norm_layers
+        h = h + (model_norm(out, p["mixer_out_norm"], cfg) if sandwich else out)
+        if layer not in cfg.mlp_free_layers:
+            out = swiglu_mlp(p["mlp"], model_norm(h, p["norm2"], cfg))
+            h = h + (model_norm(out, p["mlp_out_norm"], cfg) if sandwich else out)
+        if (i + 1) % num_layers == 0 and i + 1 < len(w.runs):
+            h = model_norm(h, w.final_norm, cfg)
     return h, states, kept
 
 
 def window_passes(w: Weights, h, states, passes: int, contexts=None):
     """A window: layers before sleep_layers once, the sleep layers ``passes`` times (pass n consumes pass n-1's
     hidden states and continues from the S it ended with), the layers after them once. Returns (h, states)."""
-    lo, hi = w.cfg.sleep_layers or (0, len(w.cfg.layers))
+    depth = len(w.runs)
+    lo, hi = w.cfg.sleep_layers or (0, depth)
     h, states, _ = run_layers(w, h, states, 0, lo, contexts)
-    for _ in range(passes):
+    for n in range(passes):
+        if n and w.cfg.loop_steps > 1 and (lo, hi) == (0, depth):  # sleep passes are more loops of a looped model
+            h = model_norm(h, w.final_norm, w.cfg)
         h, states, _ = run_layers(w, h, states, lo, hi, contexts)
-    h, states, _ = run_layers(w, h, states, hi, len(w.cfg.layers), contexts)
+    h, states, _ = run_layers(w, h, states, hi, depth, contexts)
     return h, states
 
 
 def wake_kv(w: Weights, h, states, contexts=None):
     """Sliding eviction: the attention keys/values of the window's wake pass (the whole stack once from the fast
     weights at the window's start), per attention layer: the next window's context."""
-    _, _, kept = run_layers(w, h, states, 0, len(w.cfg.layers), contexts)
+    _, _, kept = run_layers(w, h, states, 0, len(w.runs), contexts)
     return [kept[j] for j in range(len(kept))]
 
 
 def blocks_pass(w: Weights, h, states):
     """One pass of the whole stack over one window of one sequence (hard eviction)."""
-    h, states, _ = run_layers(w, h, states, 0, len(w.cfg.layers))
+    h, states, _ = run_layers(w, h, states, 0, len(w.runs))
     return h, states
 
 
@@ -330,7 +343,7 @@ def zero_states(w: Weights, batch_size: int):
     """[b][layer] -> float64 [Hv, Dk, Dv] zeros (per GDN or JetBlock layer, with its own head sizes)."""
     c = w.cfg
     shapes = [(c.jet_heads, c.jet_key_dim, c.jet_value_dim) if kind == "jet" else
-              (c.gdn_value_heads, c.gdn_key_dim, c.gdn_value_dim) for kind in c.layers if kind in ("gdn", "jet")]
+              (c.gdn_value_heads, c.gdn_key_dim, c.gdn_value_dim) for kind in w.runs if kind in ("gdn", "jet")]
     return [[np.zeros(shape) for shape in shapes] for _ in range(batch_size)]
 
 
