@@ -45,6 +45,9 @@ class ModelConfig:
     included; required when ``layers`` holds "swa"), ``sandwich_norm_layers`` (layers whose mixer output and MLP
     output are RMS-normalised before they join the residual stream: Ouro's four norms per layer).
 
+    Adaptive sleep depth: ``sleep_tol`` > 0 stops an example's sleep passes once a pass changes its fast weights
+    by less than sleep_tol relative to the pass before (at most ``sleep_n`` passes; 0 = always sleep_n).
+
     Looping (Ouro's Universal-Transformer loop): ``loop_steps`` = T runs the stack T times per pass with shared
     weights, each loop but the last ending in the final norm (the next loop starts from a normalised stream);
     every loop of a layer has its own attention cache and fast weights. ``stack`` lists the T * len(layers) layer
@@ -97,6 +100,7 @@ class ModelConfig:
     jet_norm_eps: float = 1e-5
     sandwich_norm_layers: tuple[int, ...] = ()
     loop_steps: int = 1
+    sleep_tol: float = 0.0
 
     def __post_init__(self):
         for name in ("layers", "sleep_layers", "mlp_free_layers", "sandwich_norm_layers"):
@@ -147,6 +151,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.jet_conv_reduction ({self.jet_conv_reduction}) must be at most "
                              f"jet_heads * jet_value_dim ({self.jet_heads * self.jet_value_dim}): the dynamic-conv "
                              f"generator's hidden size is their quotient")
+        if (not isinstance(self.sleep_tol, (int, float)) or isinstance(self.sleep_tol, bool)
+                or not 0 <= self.sleep_tol < float("inf")):
+            raise ValueError(f"ModelConfig.sleep_tol must be a finite number >= 0 (0: off), got {self.sleep_tol!r}")
         if (not isinstance(self.jet_norm_eps, (int, float)) or isinstance(self.jet_norm_eps, bool)
                 or not self.jet_norm_eps > 0):
             raise ValueError(f"ModelConfig.jet_norm_eps must be a number > 0, got {self.jet_norm_eps!r}")

@@ -335,12 +335,11 @@ def _select(keep, new, old):
         lambda a, b: jnp.where(keep.reshape(keep.shape + (1,) * (a.ndim - 1)), a, b), new, old)
 
 
-def _after_pass(i, sleeps, h, carries, new_h, new):
+def _after_pass(i, keep, h, carries, new_h, new):
     """(h, carries) after sleep pass i, from its input and its output. Only the first (wake) pass leaves its keys
     and values: what a window hands on under sliding eviction is what a stream computes token by token. The later
-    passes change h and the fast weights, and not for an example that wakes (``sleeps`` False): it keeps its first
-    pass."""
-    keep = None if sleeps is None else sleeps | (i == 0)
+    passes change h and the fast weights only for the examples in ``keep`` ([B] bool, None = all; an example that
+    wakes, or has stopped sleeping, keeps what it had)."""
     if keep is not None:
         new_h = _select(keep, new_h, h)
     out = []
@@ -352,8 +351,19 @@ def _after_pass(i, sleeps, h, carries, new_h, new):
     return new_h, tuple(out)
 
 
+def _fast_change(old: tuple, new: tuple, lo: int, hi: int, cfg: ModelConfig, batch: int):
+    """Per example [B]: |S_new - S_old| / |S_old| over the fast weights of stack entries lo..hi-1 (Frobenius)."""
+    pairs = [(o.fast, n.fast) for j, (o, n) in enumerate(zip(old, new))
+             if lo <= j < hi and cfg.stack[j] in FAST_WEIGHT_KINDS]
+    if not pairs:  # nothing to consolidate: no pass changes anything
+        return jnp.zeros((batch,), jnp.float32)
+    diff = sum(jnp.sum(jnp.square(b - a), axis=(1, 2, 3)) for a, b in pairs)
+    norm = sum(jnp.sum(jnp.square(a), axis=(1, 2, 3)) for a, _ in pairs)
+    return jnp.sqrt(diff / jnp.maximum(norm, 1e-30))
+
+
 def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, valid=None, context=None,
-               last: bool = False):
+               last: bool = False, passes=None, return_taken: bool = False):
     """A window: the layers before ``sleep_layers`` once, ``n`` passes of the sleep layers as a ``lax.scan``
     (compile time stays flat in n), the layers after them once on the last pass's output.
 
@@ -363,8 +373,14 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     are fixed when it is traced (see ``sleepjax/schedule.py``).
     ``context`` (sliding eviction): per attention layer (k, v, has_context) of the previous window.
     ``last``: the sequence's last window (its backward follows its forward at once: one pass is not checkpointed).
+    ``passes`` (int32 scalar, may be traced; None = n): the sleeping examples run min(passes, n) passes. The scan
+    keeps its n steps and a ``lax.cond`` skips the steps no example runs, so one compiled call serves every N up
+    to n (N-robust training samples it per step). ``cfg.sleep_tol`` > 0 (adaptive depth): an example also stops
+    after the first pass that changes its fast weights by less than sleep_tol relative to the pass before (the
+    wake pass always runs; gradients flow through exactly the passes taken).
     Returns (h, state, context_kv): context_kv holds every attention layer's keys/values of the WAKE pass (the first;
     sliding eviction keeps those for the next window, the one place this choice is made), () under hard eviction.
+    ``return_taken``: also the passes each example ran [B] int32.
     """
     cfg = params.config
     lo, hi = cfg.sleep_layer_range
@@ -373,11 +389,11 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     run = functools.partial(layers_pass, params, span=layers.Span(valid=valid))
     h, carries = run(h, _window_carries(params, h, state, context), lo=0, hi=lo)
 
-    def one_pass(h, carries, i):
+    def one_pass(h, carries, i, keep):
         h_in = h
         if cfg.norm_between_passes:  # a looped model: each sleep pass is more loops, each from a normalised stream
             h_in = jnp.where(i > 0, layers.norm(h, params.final_norm, cfg), h)
-        return _after_pass(i, sleeps, h, carries, *run(h_in, carries, lo=lo, hi=hi))
+        return _after_pass(i, keep, h, carries, *run(h_in, carries, lo=lo, hi=hi))
 
     # Remat where it pays: a pass checkpoint keeps only the pass's input until the backward. Under "both" the
     # window checkpoint already does that for a window of one pass, and the last window's single pass is
@@ -385,9 +401,24 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     if cfg.remat in ("pass", "both") and (n > 1 or (cfg.remat == "pass" and not last)):
         one_pass = jax.checkpoint(one_pass)
 
+    # Dynamic depth (a traced pass count, or adaptive stopping): ``active`` [B] marks the examples still sleeping.
+    dynamic = n > 1 and (passes is not None or cfg.sleep_tol > 0)
+    limit = jnp.clip(jnp.asarray(n if passes is None else passes, jnp.int32), 1, n)
+    batch = h.shape[0]
+
     def body(carry, i):
-        h, carries, h_wake = carry
-        h, new = one_pass(h, carries, i)
+        h, carries, h_wake, active, taken = carry
+        if dynamic:
+            moving = active & (i < limit) if sleeps is None else active & sleeps & (i < limit)
+            keep = moving | (i == 0)
+            h, new = jax.lax.cond((i == 0) | jnp.any(moving), lambda: one_pass(h, carries, i, keep),
+                                  lambda: (h, carries))
+            if cfg.sleep_tol > 0:  # stop where the fast weights have settled (never after the wake pass)
+                active = active & ((i == 0) | (_fast_change(carries, new, lo, hi, cfg, batch) >= cfg.sleep_tol))
+            taken = taken + keep.astype(jnp.int32)
+        else:
+            keep = None if sleeps is None else sleeps | (i == 0)
+            h, new = one_pass(h, carries, i, keep)
         # What the passes never write (the contexts, the layers outside sleep_layers) goes back to the scan as its own
         # input, so the scan sees constants; else the backward keeps a copy per pass (measured +13% of the temporaries
         # of a sliding-eviction train step).
@@ -395,13 +426,16 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
                         for j, (n, c) in enumerate(zip(new, carries)))
         if h_wake is not None:
             h_wake = jnp.where(i == 0, h, h_wake)
-        return (h, carries, h_wake), None
+        return (h, carries, h_wake, active, taken), None
 
     # Sliding eviction keeps the wake pass's keys/values of the layers after the sleep layers too: those layers
     # then also run once on the first pass's output (their fast weights from that run are discarded).
     suffix_attention = any(kind in ATTENTION_KINDS for kind in cfg.stack[hi:])
     h_wake = h if sliding and suffix_attention and n > 1 else None
-    (h, carries, h_wake), _ = jax.lax.scan(body, (h, carries, h_wake), jnp.arange(n))
+    init = (h, carries, h_wake, jnp.ones((batch,), bool), jnp.zeros((batch,), jnp.int32))
+    (h, carries, h_wake, _, taken), _ = jax.lax.scan(body, init, jnp.arange(n))
+    if not dynamic:
+        taken = jnp.full((batch,), n, jnp.int32) if sleeps is None else jnp.where(sleeps, n, 1)
     if h_wake is not None:
         _, wake = run(h_wake, carries, lo=hi, hi=depth)
         h, carries = run(h, carries, lo=hi, hi=depth)
@@ -409,7 +443,8 @@ def run_passes(params: Params, h, state: FastWeights, n: int, *, sleeps=None, va
     else:
         h, carries = run(h, carries, lo=hi, hi=depth)
     state = tuple(c.fast for c in of_kind(cfg, carries, "gdn"))
-    return h, state, tuple(c.kv for c in of_kind(cfg, carries, "attn")) if sliding else ()
+    out = h, state, tuple(c.kv for c in of_kind(cfg, carries, "attn")) if sliding else ()
+    return (*out, taken) if return_taken else out
 
 
 def _check_context(context, params: Params, batch_size: int):
@@ -475,7 +510,8 @@ def window_kv(params: Params, ctx, state: FastWeights, context=None):
     return kv
 
 
-def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, kind: str, last: bool = False):
+def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, kind: str, last: bool = False,
+            sleep_passes=None):
     """Algorithm 1 on one window of schedule letter ``kind``: an example sleeps (N passes) iff none of its
     positions is supervised, else wakes (one pass). Returns the carry and (``head(params, h, targets)`` of the
     window's final hidden states, the passes each example ran [B])."""
@@ -486,11 +522,11 @@ def _window(params: Params, carry, tokens, loss_mask, valid, targets, *, head, k
         n = 1
     elif kind == schedule_lib.MIXED:
         sleeps = ~jnp.any(loss_mask, axis=1)
-    h, state, kv = run_passes(params, embed(params, tokens), state, n, sleeps=sleeps, valid=valid, context=context,
-                              last=last)
+    h, state, kv, passes = run_passes(params, embed(params, tokens), state, n, sleeps=sleeps, valid=valid,
+                                      context=context, last=last, passes=sleep_passes if n > 1 else None,
+                                      return_taken=True)
     if context is not None:
         context = tuple((k, v, jnp.asarray(True)) for k, v in kv)
-    passes = jnp.full(tokens.shape[:1], n, jnp.int32) if sleeps is None else jnp.where(sleeps, n, 1)
     return (state, context), (head(params, h, targets), passes)
 
 
@@ -552,9 +588,9 @@ def _segments(schedule: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str | None):
+def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str | None, sleep_passes=None):
     """Algorithm 1 over the windows of tokens [B, T]: (the final fast weights, ``head``'s outputs [B, T, ...],
-    the passes each example ran in each window [B, W])."""
+    the passes each example ran in each window [B, W]). ``sleep_passes``: see ``forward``."""
     cfg = params.config
     check_tokens("tokens", tokens, cfg, 2, "[B, T]")
     B, T = tokens.shape
@@ -583,7 +619,7 @@ def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str 
     outs = []
     for kind, first, end in _segments(schedule_lib.WAKE * num_windows if cfg.sleep_n == 1 else schedule):
         last = end == num_windows and end - first == 1  # a lone last window: no checkpoint pays off there
-        window_fn = functools.partial(_window, head=head, kind=kind, last=last)
+        window_fn = functools.partial(_window, head=head, kind=kind, last=last, sleep_passes=sleep_passes)
         if cfg.remat in ("window", "both") and not last:
             window_fn = jax.checkpoint(window_fn)
         xs = tuple(x[first:end] for x in windows)
@@ -595,7 +631,7 @@ def _scan_windows(params: Params, tokens, loss_mask, state, head, schedule: str 
 
 
 def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None, *, return_state: bool = False,
-            schedule: str | None = None):
+            schedule: str | None = None, sleep_passes=None):
     """Algorithm 1 over tokens [B, T] split into windows of ``config.window`` (the last may be shorter).
 
     loss_mask [B, T] bool: position t's prediction (of token t+1) is supervised. Each example decides for itself:
@@ -606,17 +642,20 @@ def forward(params: Params, tokens, loss_mask, state: FastWeights | None = None,
     Returns logits [B, T, V] float32 (in a consolidation window, those of its last pass), plus the final fast
     weights if ``return_state``. ``state`` defaults to zeros (S is zero once per sequence). Under sliding
     eviction every window's attention also sees the previous window's wake-pass keys/values (the first none).
-    Training and evaluation use ``token_stats``, which never holds the [B, T, V] logits.
+    Training and evaluation use ``token_stats``, which never holds the [B, T, V] logits. ``sleep_passes`` (int32
+    scalar, may be traced): sleeping windows run min(sleep_passes, N) passes, compiled once for all of them (N is
+    then the most); ``config.sleep_tol`` > 0 lets each example stop earlier (``run_passes``).
     """
-    state, logits, _ = _scan_windows(params, tokens, loss_mask, state, _logits_head, schedule)
+    state, logits, _ = _scan_windows(params, tokens, loss_mask, state, _logits_head, schedule, sleep_passes)
     return (logits, state) if return_state else logits
 
 
-def token_stats(params: Params, tokens, loss_mask, *, schedule: str | None = None, return_passes: bool = False):
+def token_stats(params: Params, tokens, loss_mask, *, schedule: str | None = None, return_passes: bool = False,
+                sleep_passes=None):
     """``token_losses(forward(params, tokens, loss_mask), tokens, loss_mask)`` without the [B, T, V] logits: the
     per-position cross-entropy, greedy correctness and mask, each [B, T-1], computed window by window in chunks
     of positions (see ``_stats_head``). ``return_passes``: also the passes each example ran per window [B, W]."""
-    _, (ce, correct), passes = _scan_windows(params, tokens, loss_mask, None, _stats_head, schedule)
+    _, (ce, correct), passes = _scan_windows(params, tokens, loss_mask, None, _stats_head, schedule, sleep_passes)
     out = ce[:, :-1], correct[:, :-1], jnp.asarray(loss_mask)[:, :-1].astype(jnp.float32)
     return (*out, passes) if return_passes else out
 
@@ -624,15 +663,19 @@ def token_stats(params: Params, tokens, loss_mask, *, schedule: str | None = Non
 SLEEP_COUNTS = ("should_sleep", "slept", "slept_supervised")
 
 
-def sleep_counts(cfg: ModelConfig, loss_mask, passes) -> dict[str, jax.Array]:
+def sleep_counts(cfg: ModelConfig, loss_mask, passes, sleep_passes=None) -> dict[str, jax.Array]:
     """Example-windows (loss_mask [B, T], passes [B, W] as ``token_stats`` returns them): ``should_sleep`` (no
-    supervised position), ``slept`` (of those, the ones that ran N passes) and ``slept_supervised`` (supervised
-    ones that ran more than one pass: never, unless a schedule was wrong). Sums, so they add over batches."""
+    supervised position), ``slept`` (of those, the ones that slept: N passes, or at N = 1 the one pass; with
+    ``sleep_passes`` or adaptive depth, N is what the call allowed and an example may stop after 2) and
+    ``slept_supervised`` (supervised ones that ran more than one pass: never, unless a schedule was wrong). Sums,
+    so they add over batches."""
     B, T = loss_mask.shape
     W = passes.shape[1]
     mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, W * cfg.window - T)))
     supervised = mask.reshape(B, W, cfg.window).any(axis=2)
-    return {"should_sleep": jnp.sum(~supervised), "slept": jnp.sum(~supervised & (passes == cfg.sleep_n)),
+    due = jnp.clip(jnp.asarray(cfg.sleep_n if sleep_passes is None else sleep_passes), 1, cfg.sleep_n)
+    slept = passes >= jnp.minimum(due, 2) if cfg.sleep_tol > 0 else passes == due
+    return {"should_sleep": jnp.sum(~supervised), "slept": jnp.sum(~supervised & slept),
             "slept_supervised": jnp.sum(supervised & (passes > 1))}
 
 
@@ -665,11 +708,13 @@ def token_losses(logits, tokens, loss_mask):
     return ce, correct, loss_mask[:, :-1].astype(jnp.float32)
 
 
-def loss(params: Params, tokens, loss_mask, *, schedule: str | None = None) -> tuple[jax.Array, dict[str, Any]]:
+def loss(params: Params, tokens, loss_mask, *, schedule: str | None = None,
+         sleep_passes=None) -> tuple[jax.Array, dict[str, Any]]:
     """Masked mean next-token cross-entropy of Algorithm 1, with token accuracy and ``sleep_counts``. Returns
-    (loss, metrics). ``schedule``: as in ``forward``."""
-    ce, correct, mask, passes = token_stats(params, tokens, loss_mask, schedule=schedule, return_passes=True)
+    (loss, metrics). ``schedule``, ``sleep_passes``: as in ``forward``."""
+    ce, correct, mask, passes = token_stats(params, tokens, loss_mask, schedule=schedule, return_passes=True,
+                                            sleep_passes=sleep_passes)
     count = jnp.maximum(mask.sum(), 1.0)
     value = (ce * mask).sum() / count
     return value, {"loss": value, "accuracy": (correct * mask).sum() / count, "supervised": mask.sum(),
-                   **sleep_counts(params.config, loss_mask, passes)}
+                   **sleep_counts(params.config, loss_mask, passes, sleep_passes)}

@@ -62,6 +62,8 @@ attn_bias, swa_window, jet_heads, jet_key_dim, jet_value_dim, jet_conv_size, jet
 loop_steps, sandwich_norm_layers
                        test_model_reference_loop.py (both off their defaults in LOOP, against the float64 NumPy
                        reference); test_pretrained_ouro.py::test_logits_match_ouro (Ouro's logits at 3 loops and 1)
+sleep_tol              test_model_sleep_depth.py::test_adaptive_depth_stops_where_the_tolerance_says (passes per
+                       example = the float64 reference's stops at that tolerance)
 dtype                  NEW test_bfloat16_changes_the_activations (test_model.py checks it stays close)
 remat                  NEW test_remat_puts_checkpoints_in_the_program
 gdn_backend            NEW test_backends_choose_the_kernels
