@@ -5,6 +5,11 @@ One way to configure a run: ``--config`` names a preset of the launcher's config
 ``experiments/configs/<task>.py``) or any config file (``--config=path/to/file.py:paper``), and
 ``--config.<section>.<field>=VALUE`` overrides any field of it (sections model, train, task; see
 ``experiments/configs/common.py``). The flags defined here say only which runs to train and where.
+
+What a launcher promises its user (``tests/test_experiments_ux.py``): ``--help`` lists every flag and config field
+and exits 0; a bad flag, config value, checkpoint or task setting is one ``error: ...`` line on stderr before any
+compiling (exit 2); SIGTERM at any point exits 75 (after saving a checkpoint when a step is unsaved), Ctrl-C 130
+(the same); ``--config.train.init_from`` on a from-scratch preset trains at fine-tuning rates, said on one line.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -58,12 +66,108 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (with --
 _NOT_FOR_CHILDREN = ("sleep_n", "workdir", "sweep_n", "seeds", "parallel", "baselines", "baseline",
                      "compute_match_n", "eval_sleep_n", "config.train.seed", "config.model.sleep_n", "distributed",
                      "coordinator_address", "num_processes", "process_id")
-_HELP = ("-h", "-help", "--help", "--helpshort", "-?")
+_HELP = ("-h", "-help", "--help", "--helpshort", "-?", "--helpfull", "-helpfull")
 # With config.train.init_from the model is the checkpoint's; these fields of config.model still apply (how it
 # sleeps and runs, not what it is). None keeps the checkpoint's.
 _PRETRAINED_POLICY = ("window", "sleep_n", "eviction", "sleep_layers", "dtype", "remat", "gdn_backend",
                       "attn_backend")
 _ARGS: list[str] = []  # the command line as given (a parallel sweep passes it on to its children)
+_PRESET: list = []  # the --config file's config before the overrides (which fields the command line changed)
+_RATES: dict[str, str] = {}  # with init_from: where each learning rate comes from (finetune_rates)
+
+# Exit codes (README/WORKSPACE "Stopping, resuming, extending"): a usage error, a signal's stop. 75 and 130 are
+# sleepjax.train's PREEMPTED_EXIT_CODE and INTERRUPTED_EXIT_CODE (a test checks), spelled here so that the
+# handlers work before JAX is imported.
+USAGE_EXIT_CODE = 2
+STOP_EXIT_CODES = {signal.SIGTERM: 75, signal.SIGINT: 130}
+_STOP_NAMES = {signal.SIGTERM: "preempted (SIGTERM)", signal.SIGINT: "interrupted (Ctrl-C)"}
+
+
+def _ignore_signal(signum, frame) -> None:
+    """The Python-level handler of SIGTERM and SIGINT: the watcher thread of _StopSignals acts on them."""
+
+
+class _StopSignals:
+    """SIGTERM and Ctrl-C (SIGINT) in a launcher process, from its start to its exit.
+
+    While nothing is unsaved (starting up, building the task, compiling, the first step of a launch, between the
+    runs of a sweep, after a run's last checkpoint) either signal ends the process at once, even inside a long XLA
+    compile (a thread reads the signal wakeup fd, where the main thread would only see the signal once the compile
+    returns): one line on stderr, exit 75 (SIGTERM: run the same command again) or 130 (Ctrl-C). Once ``train`` has
+    trained a step (``unsaved``), it takes the signal at the next step boundary: it saves the checkpoint there and
+    raises Preempted (75) or Interrupted (130) (``requested`` tells it which); a second Ctrl-C ends the process at
+    once. Several processes: SIGTERM belongs to JAX's preemption service once ``jax.distributed`` is up (every
+    process saves the same step, exit 75), and Ctrl-C always ends the process at once (one host cannot make the
+    others save). A parallel sweep's parent forwards the stop to its runs and waits for them (``_run_parallel``).
+    """
+
+    def __init__(self):
+        self.requested: signal.Signals | None = None  # the signal train stops for at its next step boundary
+        self.later = False  # True while a step is unsaved (or while a parallel sweep's runs are)
+        self.note = "nothing to save yet: no step of this launch was trained"
+        self.wake = threading.Event()  # set when a stop is requested (a parallel sweep's parent waits on it)
+        self.later_what = "stopping at the end of this step, once its checkpoint is saved"
+        self._lock = threading.Lock()
+        self._sigints = 0
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        for signum in STOP_EXIT_CODES:
+            signal.signal(signum, _ignore_signal)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), name="stop-signals", daemon=True).start()
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            for byte in os.read(fd, 64):
+                if byte in STOP_EXIT_CODES:
+                    self._on(signal.Signals(byte))
+
+    def _on(self, signum: signal.Signals) -> None:
+        with self._lock:
+            self._sigints += signum == signal.SIGINT
+            if not self.later:
+                self.exit_now(signum, self.note)
+            if signum == signal.SIGINT and self._sigints > 1:
+                self.exit_now(signum, "Ctrl-C again: stopping at once, without waiting for the checkpoint")
+            first = self.requested is None
+            if first or signum == signal.SIGINT:  # Ctrl-C after SIGTERM (a sweep's parent forwards one): 130
+                self.requested = signum
+            self.wake.set()
+        if first:
+            _write_stderr(f"{_STOP_NAMES[signum]}: {self.later_what} (Ctrl-C again to stop at once)")
+
+    def exit_now(self, signum: signal.Signals, why: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        code = STOP_EXIT_CODES[signum]
+        _write_stderr(f"{_STOP_NAMES[signum]}: {why}; exit code {code}: run the same command again to resume")
+        os._exit(code)
+
+    def unsaved(self, what: str = "stopping at the end of this step, once its checkpoint is saved") -> None:
+        """A step is trained and not yet saved: from now on a signal is taken at the next step boundary (train
+        saves there), ``what`` says so. One process only (see the class docstring)."""
+        import jax
+
+        if jax.process_count() == 1:
+            with self._lock:
+                self.later, self.later_what = True, what
+
+    def saved(self, note: str = "nothing unsaved: the run's last checkpoint is written") -> None:
+        """Everything is saved again (a run returned, a parallel sweep's runs ended): a signal that came meanwhile
+        ends the process now, and the next ones at once."""
+        with self._lock:
+            self.later, self.note = False, note
+            if self.requested is not None:
+                self.exit_now(self.requested, note)
+
+
+def _write_stderr(line: str) -> None:
+    """One line on stderr without Python's buffered stream (safe from the watcher thread)."""
+    os.write(2, (line + "\n").encode())
+
+
+_STOP: list[_StopSignals] = []  # installed by run(), first thing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +246,16 @@ def build(task_name: str, config, run: RunSpec):
     if init_from.startswith(config_common.REQUIRED):
         raise ValueError(f"config.train.init_from: this preset fine-tunes a pretrained model; give "
                          f"--config.train.init_from=DIR ({init_from[len(config_common.REQUIRED):]})")
+    if init_from:
+        check_checkpoint(init_from)  # before the task reads its tokenizer there
     options = config.task.to_dict()
     if init_from and "tokenizer" in options and options["tokenizer"] is None:
         options["tokenizer"] = init_from  # a text task speaks the pretrained model's tokens
     task = _validated("task", lambda: tasks.get(task_name, **options))
     fields = {**config.model.to_dict(), "sleep_n": run.sleep_n}
+    sampled = _validated("train", lambda: TrainConfig(sleep_n_sample=config.train.sleep_n_sample).sleep_n_set)
+    if sampled:  # N-robust training: the model runs up to the largest N of the set
+        fields["sleep_n"] = max(sampled)
     for name in ("vocab_size", "window"):  # None: the task's
         fields[name] = getattr(task, name) if fields[name] is None else fields[name]
     if init_from:
@@ -171,6 +280,90 @@ def build(task_name: str, config, run: RunSpec):
         train_fields["steps"] = math.ceil(train_fields["steps"] * ratio)
         train_fields["epochs"] *= ratio  # a run counted in epochs: its steps come from them
     return task, model_cfg, _validated("train", lambda: TrainConfig(**train_fields))
+
+
+def check_checkpoint(path: str) -> None:
+    """A missing or damaged ``init_from`` checkpoint as one error naming it, before anything reads it: the
+    directory, its config.json, and every safetensors file whole (its header, and as many bytes as the header
+    describes: a copy or download that stopped early is caught here, not as a traceback after compiling)."""
+    where, root = f"config.train.init_from={path!r}", Path(path)
+    if not root.is_dir():
+        raise ValueError(f"{where}: {'not a directory' if root.exists() else 'no such directory'} (a local Hugging "
+                         f"Face checkpoint directory: config.json, model.safetensors, tokenizer.json)")
+    if not (root / "config.json").is_file():
+        raise ValueError(f"{where}: the directory holds no config.json, so it is no Hugging Face checkpoint")
+    index, single = root / "model.safetensors.index.json", root / "model.safetensors"
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: {index.name} is not a safetensors index ({type(e).__name__}: {e})") from None
+    elif single.exists():
+        files = [single.name]
+    else:
+        raise ValueError(f"{where}: the directory holds neither model.safetensors nor model.safetensors.index.json")
+    for name in files:
+        _check_safetensors(root / name, where)
+
+
+def _check_safetensors(file: Path, where: str) -> None:
+    """The safetensors layout: 8 bytes (little-endian header length n), n bytes of JSON naming each tensor's
+    [begin, end) in the data that follows; the file must hold all of it."""
+    if not file.is_file():
+        raise ValueError(f"{where}: {file.name} is missing (its index lists it)")
+    size = file.stat().st_size
+    damaged = f"{where}: {file.name} is damaged or cut short ({size} bytes"
+    with file.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or 8 + n > size:
+            raise ValueError(f"{damaged}: no complete header); copy or download it again")
+        try:
+            header = json.loads(f.read(n))
+            end = max([entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"],
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"{damaged}: unreadable header, {type(e).__name__}); copy or download it again") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{damaged}; its header describes {8 + n + end}); copy or download it again")
+
+
+def probe_task(task, cfg) -> None:
+    """Builds the examples whose problems a task setting could make impossible (every difficulty of the test split
+    in turn, its last evaluation example, a few training examples), so that "no problem fits context_len" and
+    its kind are one error at start instead of a failure after compiling."""
+    tests = sorted({*range(min(cfg.eval_size, 32)), max(cfg.eval_size - 1, 0)})
+    trains = range(min(cfg.train_examples or 4, 4))
+    for split, indices in (("test", tests), ("train", trains)):
+        for index in indices:
+            try:
+                task.example(cfg.eval_seed if split == "test" else cfg.seed, index, split)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"config.task: {split} example {index}: {e}") from None
+
+
+def finetune_rates(config, preset, given: list[str]) -> dict[str, str]:
+    """With ``config.train.init_from`` set on a preset that trains from scratch (its own init_from is empty), each
+    of muon_lr, adam_lr and warmup_steps that the command line does not set takes its fine-tuning default
+    (``config_common.FINETUNE_RATES``; warm-up: ``FINETUNE_WARMUP_FRACTION`` of the run's steps). A fine-tuning
+    preset keeps its own. Changes ``config``; returns {field: "given" | "default" | "preset"}, where each value
+    comes from ({} without init_from)."""
+    train = config.train
+    if not train.init_from or train.init_from.startswith(config_common.REQUIRED):
+        return {}
+    scratch = not preset.train.init_from
+    steps = (math.ceil(train.epochs * train.train_examples / train.batch_size)
+             if train.epochs and train.train_examples and train.batch_size > 0 else train.steps)
+    origins = {}
+    for name in config_common.FINETUNE_RATES:
+        if any(re.match(rf"--?config\.train\.{name}(=|$)", arg) for arg in given):
+            origins[name] = "given"
+        elif scratch:
+            train[name] = config_common.finetune_rate(name, steps)
+            origins[name] = "default"
+        else:
+            origins[name] = "preset"
+    return origins
 
 
 def init_distributed() -> None:
@@ -216,30 +409,55 @@ def _child_command(module: str, run: RunSpec, workdir: Path) -> list[str]:
 
 
 def _run_parallel(module: str, runs: list[tuple[RunSpec, Path]], parallel: int) -> None:
-    """Trains the runs in child processes, ``parallel`` at a time, each on one CPU thread; logs to run/log.txt."""
+    """Trains the runs in child processes, ``parallel`` at a time, each on one CPU thread; logs to run/log.txt.
+    SIGTERM or Ctrl-C: no run is started any more, the running ones get SIGTERM (each saves its checkpoint, or
+    has nothing to save yet) and once they have ended the sweep exits 75 or 130 (``_StopSignals``); a run stopped
+    by a signal of its own makes the sweep exit with its code once the others are done."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         " --xla_cpu_multi_thread_eigen=false").strip()
+    stop = _STOP[0] if _STOP else None
+    if stop is not None:  # the children hold unsaved steps: a stop waits for them
+        stop.unsaved("stopping the sweep: every running run saves its checkpoint")
     # Longest runs (largest N) first, so the last runs to finish are short ones.
     pending, active, failed = sorted(runs, key=lambda r: -max(r[0].sleep_n, r[0].compute_match_n or 0)), [], []
-    last_report = 0.0
+    stopped: list[int] = []  # exit codes of runs stopped by a signal (75 / 130)
+    last_report, forwarded = 0.0, False
     while pending or active:
-        while pending and len(active) < parallel:
+        if stop is not None and stop.requested is not None and not forwarded:
+            forwarded = True
+            print(f"stopping the sweep: {len(active)} running run(s) save a checkpoint, {len(pending)} not started",
+                  flush=True)
+            for proc, *_ in active:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        while pending and len(active) < parallel and not forwarded:
             run, run_dir = pending.pop(0)
             log = (run_dir / "log.txt").open("a")
             proc = subprocess.Popen(_child_command(module, run, run_dir), stdout=log, stderr=subprocess.STDOUT,
                                     env=env)
             active.append((proc, log, run, run_dir))
             print(f"started {run.label}, seed {run.seed} -> {run_dir}/log.txt", flush=True)
-        time.sleep(2.0)
+        if forwarded and not active:
+            break
+        if stop is not None and not forwarded and stop.wake.wait(2.0):
+            continue  # a stop: pass it on at once
+        if forwarded or stop is None:
+            time.sleep(0.5 if forwarded else 2.0)
         for entry in list(active):
             proc, log, run, run_dir = entry
             if proc.poll() is not None:
                 log.close()
                 active.remove(entry)
-                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                signalled = proc.returncode in STOP_EXIT_CODES.values()
+                status = ("done" if proc.returncode == 0 else f"stopped (exit {proc.returncode})" if signalled
+                          else f"FAILED (exit {proc.returncode})")
                 print(f"{run.label}, seed {run.seed}: {status}", flush=True)
-                if proc.returncode:
+                if signalled:
+                    stopped.append(proc.returncode)
+                elif proc.returncode:
                     failed.append(run_dir)
         if time.time() - last_report > 60 and active:
             last_report = time.time()
@@ -248,18 +466,55 @@ def _run_parallel(module: str, runs: list[tuple[RunSpec, Path]], parallel: int) 
                 print(f"  {run.label}, seed {run.seed}: {lines[-1] if lines else 'compiling...'}", flush=True)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in: " + ", ".join(map(str, failed)))
+    if stop is not None:  # exits 75 / 130 when the sweep was stopped
+        stop.saved("the sweep's runs have stopped, each at its last checkpoint")
+    if stopped:
+        print(f"{len(stopped)} run(s) stopped before finishing (exit {stopped[0]}): run the same command again to "
+              "resume the sweep", file=sys.stderr, flush=True)
+        sys.exit(stopped[0])
 
 
-def _usage_error(error: Exception):
-    """A bad setting, found before any work: one line naming it, exit 1."""
-    print("usage error: " + " ".join(str(error).split()), file=sys.stderr)
-    sys.exit(1)
+def _fail(error: BaseException | str, code: int = USAGE_EXIT_CODE):
+    """An error as one line on stderr (``error: ...``), then exit ``code``: USAGE_EXIT_CODE for a bad flag, setting,
+    checkpoint or task option found before any work, 1 for a run that cannot go on, 3 for a non-finite loss."""
+    print("error: " + " ".join(str(error).split()), file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def _preset_name() -> str:
     """``paper`` for --config=paper or --config=FILE.py:paper (the file's name for a file without a preset)."""
     path, _, preset = FLAGS["config"].config_filename.partition(":")
     return preset or Path(path).stem
+
+
+def _rates_line(config, preset, origins: dict[str, str]) -> str:
+    """The learning rates of an init_from run and where each comes from, said before any work."""
+    train, name = config.train, _preset_name()
+    show = lambda section, keys: ", ".join(f"{k}={section[k]!r}" for k in keys)
+    parts = []
+    for origin in ("default", "given", "preset"):
+        keys = [k for k, v in origins.items() if v == origin]
+        if keys and origin == "default":
+            parts.append(f"{show(train, keys)}: the fine-tuning defaults (experiments/configs/common.py "
+                         f"FINETUNE_RATES), not the from-scratch preset {name}'s {show(preset.train, keys)} "
+                         f"(--config.train.<field>=VALUE sets them)")
+        elif keys:
+            parts.append(f"{show(train, keys)}: " + ("given" if origin == "given" else f"the preset {name}'s"))
+    return f"fine-tuning {train.init_from} ({train.optimizer}): learning rates " + "; ".join(parts)
+
+
+def _train(train, task, model_cfg, train_cfg, workdir: Path) -> None:
+    """``train`` for one run, its expected failures as one ``error:`` line (exit 1; 3 for a non-finite loss)."""
+    from sleepjax.train import Preempted, UnreadableCheckpoints
+
+    try:
+        train(task, model_cfg, train_cfg, workdir, stop=_STOP[0] if _STOP else None)
+    except Preempted as e:  # Interrupted too: checkpoint saved and said so; exit 75 (run the same command again) / 130
+        sys.exit(e.code)
+    except FloatingPointError as e:
+        _fail(e, 3)
+    except (UnreadableCheckpoints, ValueError, OSError) as e:  # ValueError: a workdir's run with other settings, ...
+        _fail(e, 1)
 
 
 def main(task_name: str) -> None:
@@ -272,7 +527,7 @@ def main(task_name: str) -> None:
         runs = expand_runs(config)
         init_distributed()
         from sleepjax import mesh as mesh_lib, report
-        from sleepjax.train import check_workdir
+        from sleepjax.train import check_setup
 
         several = bool(FLAGS.sweep_n or FLAGS.seeds or FLAGS.baselines)
         single_name = (f"_N{runs[0].sleep_n}" if runs[0].baseline == "none" and not runs[0].compute_match_n
@@ -282,28 +537,22 @@ def main(task_name: str) -> None:
         if any(n < 1 for n in eval_ns):
             raise ValueError(f"--eval_sleep_n values must be >= 1, got {FLAGS.eval_sleep_n}")
         _validated("train", lambda: mesh_lib.parse_mesh(config.train.mesh))
-        check_workdir(workdir)
         built = {run: build(task_name, config, run) for run in runs}  # validates everything
+        for task, model_cfg, train_cfg in built.values():  # the settings against the devices and the workdir
+            check_setup(task, model_cfg, train_cfg, workdir)
+        task, _, train_cfg = built[runs[0]]
+        probe_task(task, train_cfg)  # examples no setting can make: before compiling
     except (ValueError, OSError) as e:  # OSError: a file a setting names (a tokenizer, a checkpoint) is missing
-        _usage_error(e)
+        _fail(e)
     from sleepjax.train import train
 
+    if _RATES:
+        print(_rates_line(config, _PRESET[0], _RATES), flush=True)
     if not several:
         task, model_cfg, train_cfg = built[runs[0]]
         (workdir / report.LABEL_FILE).write_text(runs[0].label + "\n")
         print(f"{task_name}: {_preset_name()}; N = {model_cfg.sleep_n}; workdir {workdir}", flush=True)
-        from sleepjax.train import Preempted, UnreadableCheckpoints
-
-        try:
-            train(task, model_cfg, train_cfg, workdir)
-        except FloatingPointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(3)
-        except UnreadableCheckpoints as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        except Preempted as e:  # checkpoint saved and said so; exit 75 (EX_TEMPFAIL): run the same command again
-            sys.exit(e.code)
+        _train(train, task, model_cfg, train_cfg, workdir)
         if eval_ns:
             print(report.eval_sleep_n_table([_evaluate_at_n(workdir, eval_ns)]))
         return
@@ -315,11 +564,14 @@ def main(task_name: str) -> None:
     print(f"{task_name} sweep: {len(runs)} runs ({', '.join(sorted({r.label for r in runs}))}; seeds "
           f"{sorted({r.seed for r in runs})}), {FLAGS.parallel} at a time -> {workdir}", flush=True)
     if FLAGS.parallel > 1:
-        _run_parallel(f"experiments.{task_name}", list(run_dirs.items()), FLAGS.parallel)
+        try:
+            _run_parallel(f"experiments.{task_name}", list(run_dirs.items()), FLAGS.parallel)
+        except RuntimeError as e:  # runs that failed, named
+            _fail(e, 1)
     else:
         for run in runs:
             print(f"--- {run.label}, seed = {run.seed} ---", flush=True)
-            train(*built[run], run_dirs[run])
+            _train(train, *built[run], run_dirs[run])
     if eval_ns:
         for run in runs:
             if run.baseline == "none":
@@ -392,9 +644,10 @@ def _refuse_removed_flags(configs, args: list[str]) -> None:
         raise flags.Error(f"{arg.split('=')[0]} is now a config field: use --config.{section}.{name}={value}")
 
 
-def _check_overrides(args: list[str], default: str) -> None:
+def _check_overrides(args: list[str], default: str):
     """Loads the config that --config names and checks that every --config.<path> is one of its fields, before the
-    flag does both: ml_collections' own errors for a missing file or field are tracebacks."""
+    flag does both: ml_collections' own errors for a missing file or field are tracebacks. Returns that config (as
+    the file builds it, before the overrides)."""
     value = next((a.split("=", 1)[1] for a in reversed(args) if re.match(r"--?config=", a)), default)
     path, _, preset = value.partition(":")
     try:
@@ -410,26 +663,79 @@ def _check_overrides(args: list[str], default: str) -> None:
         for part in field[1].split(".") if field else ():
             if not hasattr(node, "keys") or part not in node:
                 raise flags.Error(f"--config.{field[1]}: {part!r} is not a field there (--help lists them)")
+            if hasattr(type(node), part):  # e.g. task.items: ml_collections finds the ConfigDict method instead
+                raise flags.Error(f"--config.{field[1]}: ml_collections cannot override a field named {part!r} "
+                                  f"from the command line (a ConfigDict method has that name); set it in a copy "
+                                  f"of the config file (--config=FILE.py:PRESET)")
             node = node[part]
+    return config
 
 
-def _print_help(configs) -> None:
-    """What the launcher runs, its presets, the flags and every config field with its value."""
+_EXIT_CODES_HELP = """Exit codes:
+  0    done (or a finished run started again: nothing to train)
+  1    a run cannot go on: no checkpoint restores, the workdir holds a run with other settings, a sweep's run failed
+  2    a bad flag, config value, checkpoint (config.train.init_from) or task setting, found before any work
+  3    the loss became NaN/inf (the last good checkpoint is kept)
+  75   SIGTERM (preemption): the checkpoint of the step it was in is saved (nothing to save yet: none); run the
+       same command again to resume
+  130  Ctrl-C: the same as SIGTERM (a second Ctrl-C stops at once, without the checkpoint)"""
+
+
+def _print_help(configs, full: bool = False) -> None:
+    """What the launcher runs, its presets, the flags and every config field with its value; ``full``: also the
+    flags of absl and the libraries (logging, ...)."""
     print(configs.__doc__)
     print(f"--config: a preset of {configs.__file__}, or FILE.py:PRESET (default: {next(iter(configs.PRESETS))}):")
     for name, about in configs.PRESETS.items():
         print(f"  {name}: {about}")
     print("\nFlags (the runs to train and where):")
     print(FLAGS.module_help(__name__).strip().split("\n", 1)[1])  # less its first line, the module's name
-    print(f"\nConfig fields of {_preset_name()}; --config.<section>.<field>=VALUE overrides one (model.vocab_size "
-          "and model.window None: the task's):")
+    config = FLAGS.config
+    print(f"\nConfig fields of {_preset_name()} (with the overrides given); --config.<section>.<field>=VALUE "
+          "overrides one (model.vocab_size and model.window None: the task's):")
     for section in ("model", "train", "task"):
-        for key, value in FLAGS.config[section].items():
+        for key, value in config[section].items():
             print(f"  --config.{section}.{key}={value!r}")
+    rates = ", ".join(f"{k}={v!r}" for k, v in config_common.FINETUNE_RATES.items() if v is not None)
+    print("\n" + textwrap.fill(
+        "Fine-tuning (--config.train.init_from=DIR, a local Hugging Face checkpoint): the model is the checkpoint's "
+        "(of the model section only " + ", ".join(_PRETRAINED_POLICY) + " apply). On a preset that trains from "
+        f"scratch, each of muon_lr / adam_lr / warmup_steps not given takes its fine-tuning default ({rates}, "
+        f"warmup_steps={config_common.FINETUNE_WARMUP_FRACTION:g} x the run's steps), said on one line at start; "
+        "the fine-tuning presets keep their own rates.", width=116, subsequent_indent="  "))
+    init_from = config.train.init_from
+    if init_from and not init_from.startswith(config_common.REQUIRED):
+        print(_checkpoint_help(init_from, config))
+    print("\n" + _EXIT_CODES_HELP)
+    if full:
+        print("\nOther flags (absl and the libraries):")
+        for module, module_flags in sorted(FLAGS.flags_by_module_dict().items()):
+            if module != __name__ and not any(f.name == "config" for f in module_flags):
+                print(FLAGS.module_help(module))
+    else:
+        print("\n--helpfull also lists absl's own flags (logging, ...).")
+
+
+def _checkpoint_help(init_from: str, config) -> str:
+    """The model --config.train.init_from names, as training would load it (or why it cannot)."""
+    try:
+        check_checkpoint(init_from)
+        from sleepjax import pretrained
+
+        model = pretrained.load_config(init_from, insert_gdn=config.train.insert_gdn,
+                                       insert_kind=config.train.insert_kind)
+        model_type = json.loads((Path(init_from) / "config.json").read_text()).get("model_type")
+    except (ValueError, OSError) as e:
+        return f"  {init_from}: error: {e}"
+    return (f"  {init_from}: model_type {model_type}, {len(model.layers)} layers {','.join(model.layers)}, d_model "
+            f"{model.d_model}, vocab {model.vocab_size}" + (f", {model.loop_steps} loops" if model.loop_steps > 1
+                                                            else ""))
 
 
 def run(task_name: str) -> None:
     """The launcher of ``task_name``: its config file is experiments/configs/<task_name>.py."""
+    if not _STOP and threading.current_thread() is threading.main_thread():
+        _STOP.append(_StopSignals())  # first: SIGTERM / Ctrl-C from here on exit 75 / 130
     configs = _configs(task_name)
     default = f"{configs.__file__}:{next(iter(configs.PRESETS))}"
 
@@ -438,18 +744,24 @@ def run(task_name: str) -> None:
         try:
             _refuse_removed_flags(configs, args)
             args = _expand_config(configs, args)
-            _check_overrides(args, default)
+            _PRESET[:] = [_check_overrides(args, default)]
             # Defined only now: the flag reads the overrides from sys_argv (and loads its default at once).
             config_flags.DEFINE_config_file(
                 "config", default, f"A preset ({', '.join(configs.PRESETS)}) or FILE.py:PRESET; "
                 "--config.<section>.<field>=VALUE overrides a field (sections model, train, task).",
                 lock_config=True, sys_argv=[argv[0], *args])
             remaining = FLAGS([argv[0], *args])
+            _RATES.clear()
+            _RATES.update(finetune_rates(FLAGS.config, _PRESET[0], argv[1:]))  # --help shows them too
+        except flags.UnrecognizedFlagError as e:
+            _fail(f"{e} (--help lists the flags)")
         except flags.Error as e:
-            _usage_error(e)
+            _fail(e)
         if any(a in _HELP for a in argv[1:]):
-            _print_help(configs)
+            _print_help(configs, full=any(a.endswith("helpfull") for a in argv[1:]))
             sys.exit(0)
+        if remaining[1:]:
+            _fail(f"unexpected argument {remaining[1]!r}: flags are --name=VALUE (--help lists them)")
         _ARGS[:] = argv[1:]
         return remaining
 

@@ -122,7 +122,8 @@ class Carry(NamedTuple):
 
 class Span(NamedTuple):
     """What a block call covers: a whole window (``position`` None; ``valid`` [T] bool, False at padding, which
-    leaves the fast weights untouched; None: every token real) or one token at slot ``position`` (int32 scalar)."""
+    leaves the fast weights untouched; None: every token real) or one token at slot ``position`` (int32 scalar, or
+    [B]: each sequence at its own slot)."""
 
     position: Any = None
     valid: Any = None
@@ -224,19 +225,32 @@ def _attend_window(q, k, v, carry: Carry, cfg: ModelConfig, limit=None):
 
 
 def _attend_token(q, k, v, carry: Carry, position, cfg: ModelConfig, limit=None):
+    """One token at slot ``position``: an int32 scalar (every sequence at the same slot) or [B] (each sequence at
+    its own slot of its own window: a per-example stream)."""
     if carry.context is None:  # hard eviction: a window's positions never move, so its keys are cached after RoPE
         q, k = _rope(q, position, cfg), _rope(k, position, cfg)
-    k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(cache, new[:, None].astype(cache.dtype), position, axis=1)
-                        for cache, new in zip(carry.kv, (k, v)))
+    k_cache, v_cache = (write_slot(cache, new, position) for cache, new in zip(carry.kv, (k, v)))
     carry = carry._replace(kv=(k_cache, v_cache))
+    # The attention mask broadcasts against scores [B, Hkv, H/Hkv, 1, keys]: per-sequence slots as [B, 1, 1, 1, 1].
+    slot = position.reshape(-1, 1, 1, 1, 1) if jnp.ndim(position) else position
     if carry.context is None:
-        return cached_attention_step(q, k_cache, v_cache, position, sliding_window=limit), carry
+        return cached_attention_step(q, k_cache, v_cache, slot, sliding_window=limit), carry
     # Sliding eviction: the cache keeps keys before RoPE, as the window becomes the next one's context L back.
     L, has_context = carry.context[0].shape[1], carry.context[2]
-    o = cached_attention_step(*_after_context(carry.context, q, k_cache, v_cache, position, cfg), position,
+    if jnp.ndim(has_context):
+        has_context = has_context.reshape(-1, 1, 1, 1, 1)
+    o = cached_attention_step(*_after_context(carry.context, q, k_cache, v_cache, position, cfg), slot,
                               sliding_window=L if limit is None else min(L, limit), context_len=L,
                               has_context=has_context)
     return o, carry
+
+
+def write_slot(cache, new, position):
+    """cache [B, L, ...] with new [B, ...] written at slot ``position`` (scalar, or [B]: one slot per sequence)."""
+    new = new[:, None].astype(cache.dtype)
+    if not jnp.ndim(position):
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, position, axis=1)
+    return cache.at[jnp.arange(cache.shape[0]), position].set(new[:, 0], mode="promise_in_bounds")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     params = sleepjax.pretrained.load("/ckpt/Qwen3.5-2B", window=2000, sleep_n=4, sleep_layers=(7, 21))
     params = sleepjax.pretrained.load("/ckpt/Qwen3-1.7B", insert_gdn=6, window=512)  # the paper's Ouro recipe
-    sleepjax.pretrained.save(params, "/out/finetuned")
+    sleepjax.pretrained.save(params, "/out/finetuned", source="/ckpt/Qwen3.5-2B", dtype="bfloat16")
 
 Families (``FAMILIES``, by config.json's ``model_type``):
 * ``qwen3_5_text`` / ``qwen3_5``: Qwen3.5 dense text models (``Qwen3_5ForCausalLM``, and the text tower of a
@@ -22,12 +22,18 @@ Families (``FAMILIES``, by config.json's ``model_type``):
   (``loop_steps``). Its logits are those of the last loop, Ouro's default exit; the early-exit gate is read and
   dropped (sleepjax trains and scores the last loop; ``save`` writes the ``sleepjax`` format, without it).
 * ``sleepjax``: what ``save`` writes for a model no Hugging Face class describes (e.g. Qwen3 + inserted GDN): the
-  same tensor names, and the full ``ModelConfig`` in config.json.
+  same tensor names, and the ``ModelConfig`` in config.json (less the runtime fields: dtype, remat, backends).
 
 Nothing is fetched from the network. Attention layers attend within sleepjax's window (``window`` override;
-default: the checkpoint's ``max_position_embeddings``): with one window and N = 1 the model is the original one.
-Weights are read with ``safetensors`` (float32 params; bf16 checkpoints are upcast) and transposed to sleepjax's
-[in, out] layout.
+default: the checkpoint's ``max_position_embeddings``, or the window ``save`` recorded): with one window and N = 1
+the model is the original one. Weights are read with ``safetensors`` (float32 params; bf16 checkpoints are
+upcast) and transposed to sleepjax's [in, out] layout.
+
+``save`` writes a directory transformers loads (for the Hugging Face families) and records in config.json's
+``sleepjax`` block what a Hugging Face config cannot hold (window, sleep_n, sleep_layers, eviction, ...), which
+``load`` restores; with ``source`` (the checkpoint it came from) it keeps that checkpoint's
+``max_position_embeddings`` and token ids and copies its tokenizer and generation config. ``sleepjax/export.py``
+turns a training run directory into such a directory.
 """
 
 from __future__ import annotations
@@ -393,16 +399,36 @@ def _insert_layers(fields: dict, count: int, kind: str) -> None:
     fields["layers"] = tuple(kinds)
 
 
+def _recorded_fields(hf: dict) -> dict:
+    """The ModelConfig fields ``save`` recorded in config.json's ``sleepjax`` block (the sleep settings and whatever
+    else the family's config cannot express); {} for a checkpoint sleepjax did not write."""
+    block = hf.get(SLEEPJAX_KEY)
+    if block is None:
+        return {}
+    recorded = block.get("model_config") if isinstance(block, dict) else None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"config.json: {SLEEPJAX_KEY!r} must be an object with a 'model_config' object, got "
+                              f"{block!r}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise CheckpointError(f"config.json: {SLEEPJAX_KEY}.model_config holds fields this sleepjax does not know: "
+                              f"{unknown} (written by a newer version?)")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}
+
+
 def load_config(path: str | os.PathLike, *, insert_gdn: int = 0, insert_kind: str = "gdn",
                 **overrides: Any) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (plus ``insert_gdn`` MLP-free layers of ``insert_kind``, GDN or
-    JetBlock, and any overrides)."""
+    JetBlock, and any overrides). A checkpoint ``save`` wrote gets back the sleep settings it recorded (window,
+    sleep_n, sleep_layers, eviction, ...); overrides still win."""
     path = Path(path)
     hf = _read_config(path)
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(f"config.json: model_type {model_type!r} is not supported; supported: {tuple(FAMILIES)}")
     fields, _ = FAMILIES[model_type](hf)
+    fields.update(_recorded_fields(hf))
     if not isinstance(insert_gdn, int) or isinstance(insert_gdn, bool) or insert_gdn < 0:
         raise ValueError(f"insert_gdn must be an int >= 0, got {insert_gdn!r}")
     if insert_kind not in INSERT_KINDS:
@@ -477,13 +503,13 @@ def _expand_v(key_dim: int, value_dim: int) -> float:
     return expand
 
 
-def _jet_nemotron_config(cfg: ModelConfig) -> dict:
+def _jet_nemotron_config(cfg: ModelConfig, max_positions: int) -> dict:
     out = {"model_type": "jet_nemotron", "architectures": ["JetNemotronForCausalLM"], "vocab_size": cfg.vocab_size,
            "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": len(cfg.layers),
            "num_attention_heads": cfg.attn_heads, "num_key_value_heads": cfg.attn_kv_heads,
            "head_dim": cfg.attn_head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
            "rope_theta": cfg.rope_theta, "rope_scaling": None, "tie_word_embeddings": cfg.tie_embeddings,
-           "max_position_embeddings": cfg.window, "layer_types": list(cfg.layers), "dtype": "float32"}
+           "max_position_embeddings": max_positions, "layer_types": list(cfg.layers)}
     extra = {}
     if "jet" in cfg.layers:
         extra["jet"] = {"mode": "chunk", "num_heads": cfg.jet_heads, "head_dim": cfg.jet_key_dim,
@@ -494,18 +520,20 @@ def _jet_nemotron_config(cfg: ModelConfig) -> dict:
     return {**out, "efficient_attention_config": extra}
 
 
-def _hf_config(cfg: ModelConfig, family: str) -> dict:
+def _hf_config(cfg: ModelConfig, family: str, max_positions: int) -> dict:
     if family == "sleepjax":
         return {"model_type": "sleepjax", "architectures": ["SleepjaxHybrid"],
-                "sleepjax_config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+                "max_position_embeddings": max_positions,
+                "sleepjax_config": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                                          if k not in RUNTIME_FIELDS}))}
     if family == "jet_nemotron":
-        return _jet_nemotron_config(cfg)
+        return _jet_nemotron_config(cfg, max_positions)
     rotary = (cfg.rope_dim or cfg.attn_head_dim) / cfg.attn_head_dim
     out = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
            "num_hidden_layers": len(cfg.layers), "num_attention_heads": cfg.attn_heads,
            "num_key_value_heads": cfg.attn_kv_heads, "head_dim": cfg.attn_head_dim, "rms_norm_eps": cfg.norm_eps,
            "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
-           "max_position_embeddings": cfg.window, "dtype": "float32",
+           "max_position_embeddings": max_positions,
            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": rotary}}
     if family == "qwen3":
         return {**out, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}
@@ -516,16 +544,159 @@ def _hf_config(cfg: ModelConfig, family: str) -> dict:
             "linear_conv_kernel_dim": cfg.conv_size}
 
 
-def save(params: Params, path: str | os.PathLike) -> str:
-    """Writes ``config.json`` and ``model.safetensors`` (float32) to ``path`` in the format of ``family_of``:
-    loading them back gives exactly ``params``. A Qwen3.5 model is written as ``Qwen3_5ForCausalLM`` (text only).
-    Returns the family written."""
+# config.json's block of what sleepjax adds to a family's config (``save`` writes it, ``load_config`` reads it).
+SLEEPJAX_KEY = "sleepjax"
+# Always recorded: how the model sleeps (a Hugging Face config has no place for them).
+SLEEP_FIELDS = ("window", "sleep_n", "sleep_layers", "eviction")
+# Never recorded: how a run computes, not what the model is (activation dtype, rematerialisation, kernels).
+RUNTIME_FIELDS = ("dtype", "remat", "gdn_backend", "attn_backend", "chunk_size")
+# Keys of a source checkpoint's config.json kept when the model is written in another family's format.
+SOURCE_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+# Keys of a source config.json never carried over: what ``save`` decides (the weights' dtype) or no longer holds.
+_DROPPED_SOURCE_KEYS = ("torch_dtype", "dtype", "quantization_config", SLEEPJAX_KEY)
+# Files ``save`` copies from a source checkpoint directory when they are there: the tokenizer (fast and slow
+# formats, the chat template in either of transformers' files) and the generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+GENERATION_FILES = ("generation_config.json",)
+SAVE_DTYPES = ("float32", "bfloat16")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _sleepjax_block(cfg: ModelConfig, hf: dict, provenance: dict | None) -> dict:
+    """What ``hf`` (a family's config) cannot say about ``cfg``: the sleep settings, and every other non-runtime
+    field whose value the family's parser would not give back."""
+    parsed, _ = FAMILIES[hf["model_type"]](hf)
+    implied = {**dataclasses.asdict(ModelConfig()), **parsed}
+    model = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in RUNTIME_FIELDS and (k in SLEEP_FIELDS or implied.get(k) != v)}
+    block = {"model_config": json.loads(json.dumps(model))}
+    if provenance:
+        block["provenance"] = json.loads(json.dumps(provenance))
+    return block
+
+
+def _source_config(source: Path) -> dict | None:
+    """config.json of a source checkpoint directory, or None (no directory, or no config.json in it)."""
+    file = source / "config.json" if source.is_dir() else None
+    return json.loads(file.read_text()) if file is not None and file.exists() else None
+
+
+def _merge_source(ours: dict, family: str, src: dict | None) -> dict:
+    """``ours`` (the family's config) plus what the source's config.json says that sleepjax does not model
+    (token ids, max_position_embeddings, auto_map, ...): the whole source config under ours when it is the same
+    family and still describes the same model, else only ``SOURCE_KEYS`` (Qwen3.5's from its text_config)."""
+    if src is None:
+        return ours
+    kept = {k: v for k, v in src.items() if k not in _DROPPED_SOURCE_KEYS}
+    if src.get("model_type") == family and family != "sleepjax":
+        merged = {**kept, **ours}
+        try:
+            same = FAMILIES[family](merged)[0] == FAMILIES[family](ours)[0]
+        except CheckpointError:  # a source key the family's parser refuses (e.g. sliding windows turned on)
+            same = False
+        if same:
+            return merged
+    text = src.get("text_config") if src.get("model_type") == "qwen3_5" and isinstance(src.get("text_config"),
+                                                                                       dict) else {}
+    picked = {k: text.get(k, src.get(k)) for k in SOURCE_KEYS if text.get(k, src.get(k)) is not None}
+    return {**picked, **ours}
+
+
+def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int | None) -> list[dict[str, np.ndarray]]:
+    """The tensors in their order, cut into groups of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    if max_shard_bytes is None:
+        return [tensors]
+    groups, size = [{}], 0
+    for name, value in tensors.items():
+        if groups[-1] and size + value.nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = value
+        size += value.nbytes
+    return groups
+
+
+def _write_tensors(tensors: dict[str, np.ndarray], path: Path, max_shard_bytes: int | None) -> list[str]:
+    """Writes ``model.safetensors``, or (over ``max_shard_bytes``) ``model-0000i-of-0000n.safetensors`` and the index
+    that transformers and ``load`` read; removes any model file of an earlier save there first. Returns the
+    files written."""
     from safetensors.numpy import save_file
 
+    for old in [path / "model.safetensors", path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+        if old.exists():
+            old.unlink()
+    groups = _shards(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(groups[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map = {}
+    for name, group in zip(names, groups):
+        save_file(group, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, name))
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return [*names, INDEX_FILE]
+
+
+def _copy_source_files(source: Path, path: Path) -> list[str]:
+    """The tokenizer and generation files of ``source`` (a checkpoint directory, or a tokenizer.json file) copied
+    into ``path``; returns their names."""
+    import shutil
+
+    if source.is_file():
+        if source.name != "tokenizer.json":
+            raise ValueError(f"source must be a checkpoint directory or a tokenizer.json file, got {str(source)!r}")
+        files = [source]
+    else:
+        files = [source / name for name in TOKENIZER_FILES + GENERATION_FILES if (source / name).exists()]
+    copied = []
+    for file in files:
+        if file.resolve() != (path / file.name).resolve():
+            shutil.copyfile(file, path / file.name)
+        copied.append(file.name)
+    return copied
+
+
+def save(params: Params, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
+         dtype: str = "float32", max_shard_bytes: int | None = None, provenance: dict | None = None) -> str:
+    """Writes ``config.json`` and the weights to ``path`` in the format of ``family_of`` (a Qwen3.5 model as
+    ``Qwen3_5ForCausalLM``, text only); returns the family written.
+
+    config.json gets a ``sleepjax`` block (``model_config``: window, sleep_n, sleep_layers, eviction and any other
+    ModelConfig field the family's config cannot express; the runtime fields dtype, remat, backends and chunk_size
+    are left out) that ``load`` restores, so a reloaded fine-tune sleeps as it was trained. Loading gives exactly
+    ``params`` at float32 (at bfloat16: within its rounding).
+
+    source: the checkpoint directory the model came from (a run's ``init_from``), or a tokenizer.json. Its
+      tokenizer files (``TOKENIZER_FILES``) and generation_config.json are copied, and what its config.json says
+      that sleepjax does not model is kept: ``max_position_embeddings`` (the model's, not the training window),
+      token ids, ``auto_map``. Without one, max_position_embeddings is the window (the positions a model trained
+      from scratch has seen: sleepjax counts RoPE positions from each window's start).
+    dtype: the weights' dtype on disk, "float32" or "bfloat16" (half the size).
+    max_shard_bytes: above this many bytes of tensors, write ``model-0000i-of-0000n.safetensors`` shards and
+      ``model.safetensors.index.json`` (None: one file). Model files of an earlier save in ``path`` are removed.
+    provenance: a JSON-able dict recorded as ``sleepjax.provenance`` (what ``export_run`` says it exported).
+    """
+    import ml_dtypes
+
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {SAVE_DTYPES}, got {dtype!r}")
+    if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
+                                        or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes must be None or an int >= 1, got {max_shard_bytes!r}")
     cfg = params.config
     family = family_of(cfg)
+    source = None if source is None else Path(source)
+    if source is not None and not source.exists():
+        raise ValueError(f"source {str(source)!r} does not exist (the checkpoint the model came from)")
+    src = _source_config(source) if source is not None else None
+    text_src = src.get("text_config") if src and src.get("model_type") == "qwen3_5" else src
+    max_positions = int((text_src or {}).get("max_position_embeddings") or cfg.window)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    out_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     tensors = {"model.embed_tokens.weight": host.embed, "model.norm.weight": host.final_norm}
     if not cfg.tie_embeddings:
@@ -543,9 +714,17 @@ def save(params: Params, path: str | os.PathLike) -> str:
             if cfg.attn_output_gate:
                 q = np.concatenate([q, block["wq_gate"].T.reshape(H, D, cfg.d_model)], axis=1)
             tensors[base + "self_attn.q_proj.weight"] = q.reshape(-1, cfg.d_model)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(_hf_config(cfg, family), indent=2))
+    _write_tensors({k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}, path, max_shard_bytes)
+    hf = _hf_config(cfg, family, max_positions)
+    if family != "sleepjax":  # the sleepjax format holds the whole ModelConfig already
+        hf[SLEEPJAX_KEY] = _sleepjax_block(cfg, hf, provenance)
+    elif provenance:
+        hf[SLEEPJAX_KEY] = {"model_config": {}, "provenance": json.loads(json.dumps(provenance))}
+    hf = _merge_source(hf, family, src)
+    hf["dtype"] = dtype
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    if source is not None:
+        _copy_source_files(source, path)
     return family
 
 

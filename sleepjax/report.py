@@ -3,11 +3,13 @@
 Runs are grouped by their label (``label.txt`` in the run directory, written by the launcher: "N = 4",
 "transformer (full context)", ...; default "N = <n>"). Over seeds each group reports the mean and the spread
 (min-max) per difficulty, every seed's value in a table of its own, and the plot draws the mean with a min-max
-band. Wall-clock and the cost of sleep (seconds per step relative to N = 1) are reported beside them.
+band. Wall-clock and the cost of sleep (seconds per step relative to N = 1) are reported beside them; the
+checkpoint a fine-tuning run starts from (path, model_type, its layers and width) and the learning rates head the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import defaultdict
@@ -162,6 +164,26 @@ def eval_sleep_n_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def setup_lines(runs: list[dict]) -> str:
+    """What the runs start from and train at: for fine-tuning runs the checkpoint (path, model_type) and the model
+    trained (its layers and width, not a preset's), and every distinct set of learning rates ("" if no run's
+    results.json names them)."""
+    lines = []
+    for start in {json.dumps(r["results"]["init_from"], sort_keys=True): r["results"]["init_from"]
+                  for r in runs if r["results"].get("init_from")}.values():
+        inserted = (f" ({start['inserted_layers']} inserted {start['insert_kind']})"
+                    if start.get("inserted_layers") else "")
+        loops = f", {start['loop_steps']} loops per pass" if start.get("loop_steps", 1) > 1 else ""
+        lines.append(f"- Fine-tuned from `{start['path']}` (model_type `{start['model_type']}`): "
+                     f"{start['num_layers']} layers {', '.join(start['layers'])}{inserted}; d_model "
+                     f"{start['d_model']}; vocab {start['vocab_size']}{loops}.")
+    rates = {json.dumps(r["results"]["learning_rates"], sort_keys=True): r["results"]["learning_rates"]
+             for r in runs if r["results"].get("learning_rates")}
+    for rate in rates.values():
+        lines.append("- Learning rates: " + ", ".join(f"{k} {v}" for k, v in rate.items()) + ".")
+    return "\n".join(lines)
+
+
 def write_comparison(workdir: str | os.PathLike, run_dirs: list[str | os.PathLike], title: str = "") -> str:
     """Writes ``results.md`` and ``accuracy.png`` in workdir; returns the markdown."""
     runs = [read_run_summary(d) for d in run_dirs]
@@ -170,7 +192,9 @@ def write_comparison(workdir: str | os.PathLike, run_dirs: list[str | os.PathLik
     at_n_text = (f"## Evaluated at other N (test-time sleep passes; same weights)\n\n{eval_sleep_n_table(at_n)}\n\n"
                  if at_n else "")
     plot_accuracy(runs, workdir / "accuracy.png")
-    text = (f"# {title or 'Sleep sweep'}\n\nFinal held-out exact accuracy per run (several seeds: `mean [min-max]`); "
+    setup = setup_lines(runs)
+    text = (f"# {title or 'Sleep sweep'}\n\n" + (f"{setup}\n\n" if setup else "") +
+            f"Final held-out exact accuracy per run (several seeds: `mean [min-max]`); "
             f"cost = seconds per step relative to N = 1.\n\n{comparison_table(runs)}\n\n"
             f"## Every seed\n\n{seeds_table(runs)}\n\n"
             f"## Best accuracy reached during training\n\n{best_table(runs)}\n\n{at_n_text}"

@@ -108,9 +108,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def keep_metrics(workdir: str | os.PathLike, keep) -> None:
     """Rewrites ``metrics.jsonl`` with only the rows for which ``keep(row)`` holds (a resumed run drops the rows
-    its interrupted launch wrote after the checkpoint it resumes from)."""
+    its interrupted launch wrote after the checkpoint it resumes from). Atomic, like every rewrite here: a launch
+    stopped at any moment (SIGKILL, or a launcher's SIGTERM before its first step) leaves the old file or the new."""
     path = Path(workdir) / METRICS
-    path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if keep(r)))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(path) if keep(r)))
+    os.replace(tmp, path)
 
 
 def append_metrics(workdir: str | os.PathLike, row: dict) -> None:

@@ -42,18 +42,21 @@ def _micro_batches(x, k: int):
     return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
 
 
-def loss_and_grads(params, tokens, loss_mask, *, schedule: str | None = None, grad_accum: int = 1):
+def loss_and_grads(params, tokens, loss_mask, *, schedule: str | None = None, grad_accum: int = 1,
+                   sleep_passes=None):
     """(metrics, gradients) of the masked mean cross-entropy of a batch, computed over ``grad_accum``
     micro-batches: each contributes its summed cross-entropy divided by the WHOLE batch's supervised count, so the
-    summed gradients are the full batch's (up to float rounding). Metrics as ``model.loss`` gives them."""
+    summed gradients are the full batch's (up to float rounding). Metrics as ``model.loss`` gives them.
+    ``sleep_passes`` (int32 scalar, may be traced): the sleep passes of this batch (N-robust training samples it
+    per step; at most the model's sleep_n), None = sleep_n."""
     count = jnp.maximum(jnp.asarray(loss_mask)[:, :-1].sum(), 1).astype(jnp.float32)
 
     def micro(params, tokens, loss_mask):
         ce, correct, mask, passes = model_lib.token_stats(params, tokens, loss_mask, schedule=schedule,
-                                                          return_passes=True)
+                                                          return_passes=True, sleep_passes=sleep_passes)
         total = (ce * mask).sum()
         return total / count, {"ce": total, "correct": (correct * mask).sum(), "supervised": mask.sum(),
-                               **model_lib.sleep_counts(params.config, loss_mask, passes)}
+                               **model_lib.sleep_counts(params.config, loss_mask, passes, sleep_passes)}
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if grad_accum == 1:
@@ -72,19 +75,21 @@ def loss_and_grads(params, tokens, loss_mask, *, schedule: str | None = None, gr
     return metrics, grads
 
 
-def train_step(state: TrainState, batch: dict, *, tx, sleep_schedule: str | None = None, grad_accum: int = 1, frozen=None,
-               freeze_steps: int = 0, hard_eviction: bool = False) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, sleep_passes=None, *, tx, sleep_schedule: str | None = None,
+               grad_accum: int = 1, frozen=None, freeze_steps: int = 0,
+               hard_eviction: bool = False) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch`` (tokens, loss_mask) run with ``sleep_schedule`` (one letter per
     window, ``sleepjax/schedule.py``; it must fit the batch; None: M everywhere, right for any batch at N passes
     per window) over ``grad_accum`` micro-batches. Pure: returns the new state and metrics.
 
     frozen: a pytree of bools like the params (``finetune.frozen_mask``): those parameters stay put while
     ``state.step < freeze_steps`` (0: always). hard_eviction: compute the loss with hard eviction whatever the
-    model's policy (the warm-up of a sliding-eviction model)."""
+    model's policy (the warm-up of a sliding-eviction model). sleep_passes: as in ``loss_and_grads`` (a traced
+    argument: one compiled step for every N of an N-robust run)."""
     params = state.params
     loss_params = params.replace(config=params.config.replace(eviction="hard")) if hard_eviction else params
     metrics, grads = loss_and_grads(loss_params, batch["tokens"], batch["loss_mask"], schedule=sleep_schedule,
-                                    grad_accum=grad_accum)
+                                    grad_accum=grad_accum, sleep_passes=sleep_passes)
     grads = grads.replace(config=params.config)
     if frozen is not None:
         grads = finetune.hold_frozen(grads, frozen, state.step, freeze_steps)
@@ -100,7 +105,8 @@ def memory_summary(step_fn, state, batch_abstract, mesh, model_cfg: ModelConfig,
     """One line: parameter count and XLA's estimate of one train step's memory per device (arguments: parameters,
     optimizer state and the batch shard; temporaries: activations kept for the backward and workspace)."""
     with jax.set_mesh(mesh):
-        analysis = step_fn.lower(state, batch_abstract).compile().memory_analysis()
+        sampled = (jax.ShapeDtypeStruct((), jnp.int32),) if cfg.sleep_n_set else ()  # N-robust: the step's N
+        analysis = step_fn.lower(state, batch_abstract, *sampled).compile().memory_analysis()
     count = model_lib.num_params(state.params)
     size = f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.2f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
     head = f"model: {size} parameters; N = {model_cfg.sleep_n}, batch {cfg.batch_size}, mesh {dict(mesh.shape)}"

@@ -5,16 +5,21 @@ newest readable checkpoint with the progress it carries, or step 0), then the lo
 Batches are a pure function of (seed, step), so a run killed at any moment and started again with the same
 workdir resumes from its last checkpoint and ends with exactly the parameters of an uninterrupted run. Preemption
 (SIGTERM -> checkpoint, exit 75), unreadable checkpoints and extending a run (a larger ``steps``) are handled with
-``sleepjax.resume``; a non-finite loss stops the run naming the step and the last good checkpoint.
+``sleepjax.resume``; a non-finite loss stops the run naming the step and the last good checkpoint. A launcher
+passes ``stop`` (its SIGTERM / Ctrl-C handling, ``experiments/common.py``): the loop then also stops for Ctrl-C
+(checkpoint, ``Interrupted``, exit 130) and tells it when a step is unsaved and when everything is saved again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
+import json
 import math
 import os
+import signal
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,7 @@ from sleepjax import mesh as mesh_lib, rundir
 from sleepjax import step as step_lib
 from sleepjax import schedule as schedule_lib
 from sleepjax.config import ModelConfig
-from sleepjax.evaluate import evaluate
+from sleepjax.evaluate import evaluate, evaluate_generation
 from sleepjax.metrics_log import MetricsLog, RunProgress, format_duration
 from sleepjax.optim import learning_rates, make_optimizer
 from sleepjax.resume import (PREEMPTED_EXIT_CODE, Preempted, PreemptionNotice,  # noqa: F401 (re-exported)
@@ -41,12 +46,26 @@ from sleepjax.train_config import SCHEDULES, TrainConfig  # noqa: F401 (re-expor
 
 _now = time.perf_counter  # the loop's clock (a module attribute, so tests can drive it)
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports after Ctrl-C
+
+
+class Interrupted(Preempted):
+    """Raised by ``train`` once the checkpoint at ``step`` is saved after Ctrl-C (SIGINT, with a launcher's
+    ``stop``): a SystemExit with code ``INTERRUPTED_EXIT_CODE``; resume by running the same command again."""
+
+    def __init__(self, step: int, checkpoints):
+        super().__init__(step, checkpoints)
+        self.code = INTERRUPTED_EXIT_CODE
+        self.message = (f"interrupted: saved the checkpoint at step {step} in {checkpoints}; exit code "
+                        f"{INTERRUPTED_EXIT_CODE}: run the same command again to resume")
+
 
 _OPTIMIZER_FIELDS = ("optimizer", "muon_lr", "adam_lr", "weight_decay", "warmup_steps", "lr_schedule",
                      "final_lr_fraction", "grad_clip")
 
 
-_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "insert_kind", "freeze", "freeze_steps", "grad_accum")
+_STEP_FIELDS = _OPTIMIZER_FIELDS + ("init_from", "insert_gdn", "insert_kind", "freeze", "freeze_steps", "grad_accum",
+                                    "sleep_n_sample")
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,8 +82,11 @@ def _jitted_step(model_cfg: ModelConfig, step_settings: tuple, schedule_steps: i
               if cfg.freeze != "none" else None)
     step = functools.partial(train_step, tx=tx, sleep_schedule=sleep_schedule, grad_accum=cfg.grad_accum, frozen=frozen,
                              freeze_steps=cfg.freeze_steps, hard_eviction=hard_eviction)
-    return jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, mesh_lib.replicated(mesh)), donate_argnums=0)
+    in_shardings = (state_sharding, mesh_lib.batch_sharding(mesh))
+    if cfg.sleep_n_set:  # N-robust: the step's N is a traced argument, one program for every N of the set
+        in_shardings += (mesh_lib.replicated(mesh),)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
+                   donate_argnums=0)
 
 
 def batch_schedule(declared: str, loss_mask, window: int) -> tuple[str, list[str]]:
@@ -97,13 +119,18 @@ class Prefetcher:
 
 
 def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | os.PathLike, *,
-          log_enabled: bool = True) -> dict:
+          log_enabled: bool = True, stop=None) -> dict:
     """Trains ``model_cfg`` on ``task``; resumes from ``workdir``'s newest readable checkpoint if there is one
     (extending the run if ``cfg.steps`` grew; see the module docstring).
 
     Writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``results.json`` in workdir
     (``sleepjax/rundir.py``) and returns the results dict. Raises FloatingPointError (naming the step) if the loss
     stops being finite, and ``Preempted`` (exit code 75) after saving a checkpoint when SIGTERM arrives.
+
+    ``stop`` (a launcher's; None: SIGTERM as above, Ctrl-C is Python's KeyboardInterrupt): ``stop.requested`` is
+    the signal (SIGTERM or SIGINT) to stop for at the next step boundary, or None; the checkpoint is saved there
+    and ``Preempted`` / ``Interrupted`` (exit code 130) raised. ``stop.unsaved()`` is called once this launch has
+    trained a step (until then a stop loses nothing), ``stop.saved()`` when train returns.
     """
     workdir, mesh = _check_setup(task, model_cfg, cfg, workdir)
     description = run_description(task, model_cfg, cfg)
@@ -111,14 +138,57 @@ def train(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir: str | o
     with rundir.open_checkpoints(workdir) as probe:
         check_same_run(workdir, saved, description, has_checkpoint=probe.latest_step() is not None)
     sync_processes("sleepjax_read_config")  # process 0 rewrites config.json below
-    run = _Run(task, model_cfg, cfg, workdir, mesh)
+    run = _Run(task, model_cfg, cfg, workdir, mesh, stop)
+    if cfg.init_from:
+        run.say(_init_from_line(checkpoint_summary(cfg, model_cfg), cfg))
     try:
         run.restore_or_init(saved, description)
         run.open_logs(saved, log_enabled)
         run.loop()
     finally:
         run.close()
-    return run.results()
+    results = run.results()
+    if stop is not None:
+        stop.saved()
+    return results
+
+
+def checkpoint_summary(cfg: TrainConfig, model_cfg: ModelConfig) -> dict | None:
+    """What a fine-tuning run starts from (None without ``init_from``): the checkpoint's path and model_type, and
+    the model trained (the loaded ModelConfig's layers and width, inserted layers included)."""
+    if not cfg.init_from:
+        return None
+    path = Path(cfg.init_from)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return {"path": str(path.absolute()), "model_type": model_type, "layers": list(model_cfg.layers),
+            "num_layers": len(model_cfg.layers), "d_model": model_cfg.d_model, "vocab_size": model_cfg.vocab_size,
+            "loop_steps": model_cfg.loop_steps, "inserted_layers": cfg.insert_gdn,
+            "insert_kind": cfg.insert_kind if cfg.insert_gdn else None}
+
+
+def learning_rates_summary(cfg: TrainConfig) -> dict:
+    """The optimizer and its peak rates and warm-up, as results.json and results.md name them."""
+    return {"optimizer": cfg.optimizer, **({"muon_lr": cfg.muon_lr} if cfg.optimizer == "muon" else {}),
+            "adam_lr": cfg.adam_lr, "warmup_steps": cfg.warmup_steps}
+
+
+def _init_from_line(summary: dict, cfg: TrainConfig) -> str:
+    inserted = (f" ({summary['inserted_layers']} inserted {summary['insert_kind']})" if summary["inserted_layers"]
+                else "")
+    loops = f", {summary['loop_steps']} loops per pass" if summary["loop_steps"] > 1 else ""
+    rates = ", ".join(f"{k} {v}" for k, v in learning_rates_summary(cfg).items())
+    return (f"init_from: {summary['path']} (model_type {summary['model_type']}): {summary['num_layers']} layers "
+            f"{','.join(summary['layers'])}{inserted}, d_model {summary['d_model']}, vocab {summary['vocab_size']}"
+            f"{loops}; {rates}")
+
+
+def check_setup(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir) -> None:
+    """Raises ValueError unless the settings fit the task, the devices and a writable workdir (what ``train``
+    checks first; a launcher calls it before any work)."""
+    _check_setup(task, model_cfg, cfg, workdir)
 
 
 def _check_setup(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir) -> tuple:
@@ -126,6 +196,9 @@ def _check_setup(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir) 
     if task.vocab_size > model_cfg.vocab_size or (task.vocab_size < model_cfg.vocab_size and not cfg.init_from):
         raise ValueError(f"model vocab_size ({model_cfg.vocab_size}) must equal the task's ({task.vocab_size}); a "
                          f"pretrained model (init_from) may have more")
+    if cfg.sleep_n_set and max(cfg.sleep_n_set) != model_cfg.sleep_n:
+        raise ValueError(f"sleep_n_sample {cfg.sleep_n_sample!r} needs the model's sleep_n to be its largest N "
+                         f"({max(cfg.sleep_n_set)}), got {model_cfg.sleep_n}")
     workdir = rundir.check_workdir(workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     shards = mesh_lib.batch_size_per_shard(mesh)
@@ -137,6 +210,9 @@ def _check_setup(task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir) 
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of grad_accum ({cfg.grad_accum}) x the "
                          f"data x fsdp mesh size ({shards}): every device holds rows of every micro-batch")
     mesh_lib.check_heads(model_cfg, mesh)
+    if cfg.eval_mode == "generate" and mesh.size > 1:
+        raise ValueError("eval_mode='generate' runs on one device for now (sleepjax.generate has no mesh): use "
+                         "eval_mode='teacher_forced' on this mesh, or score generations after training")
     return workdir, mesh
 
 
@@ -145,8 +221,9 @@ class _Run:
     checkpoint and the progress it carries, or step 0), ``open_logs``, then ``loop`` to ``cfg.steps``; ``close``
     releases what it holds whatever happened, ``results`` summarises the run."""
 
-    def __init__(self, task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir, mesh):
+    def __init__(self, task: Task, model_cfg: ModelConfig, cfg: TrainConfig, workdir, mesh, stop=None):
         self.task, self.model_cfg, self.cfg, self.workdir, self.mesh = task, model_cfg, cfg, workdir, mesh
+        self.stop = stop  # a launcher's SIGTERM / Ctrl-C handling (see train)
         self.lead = jax.process_index() == 0  # the one writer of shared files
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.manager = self.log = self.prefetch = self.notice = None
@@ -230,10 +307,14 @@ class _Run:
             self.evaluate(self.start)
         for step in range(self.start, cfg.steps):
             self.progress.add(self.train_step(step))
+            if step == self.start and self.stop is not None:
+                self.stop.unsaved()  # until now a stop lost nothing (the launcher exits at once)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 self.log_row(done)
-            if done < cfg.steps and self.notice.reached(done):  # asked at every step (the multi-process protocol)
+            # asked at every step (the multi-process protocol); at the last one too: its evaluation is left to the
+            # resumed run, so a notice that comes during the last step does not wait for it
+            if self.notice.reached(done) or (self.stop is not None and self.stop.requested is not None):
                 self.preempt(done)
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 self.evaluate(done)
@@ -251,8 +332,9 @@ class _Run:
                            f"{schedule!r} (M: sleep decided per example, N passes for the batch), compiled once more")
         batch = mesh_lib.global_batch(self.batch_sharding, {k: batch[k] for k in ("tokens", "loss_mask")},
                                       self.cfg.batch_size)
+        sampled = (jnp.int32(self.cfg.sleep_passes_at(step)),) if self.cfg.sleep_n_set else ()
         with jax.set_mesh(self.mesh):  # the model reads the mesh to run its kernels under shard_map
-            self.state, metrics = self._step_fn(step, schedule)(self.state, batch)
+            self.state, metrics = self._step_fn(step, schedule)(self.state, batch, *sampled)
         loss = float(metrics["loss"])  # one host sync per step
         if step > self.start:  # the first step of a process includes compilation
             self.progress.rate.add(_now() - t0)
@@ -289,13 +371,24 @@ class _Run:
         result = evaluate(self.state.params, self.eval_batches, num_items=task.num_items,
                           difficulty_name=task.difficulty_name, put=_put_replicated(self.mesh),
                           schedule=self.declared)
+        for n in cfg.sleep_n_set:  # an N-robust model is scored at every N it trained with
+            at_n = result if n == self.model_cfg.sleep_n else evaluate(
+                self.state.params.replace(config=self.model_cfg.replace(sleep_n=n)), self.eval_batches,
+                num_items=task.num_items, difficulty_name=task.difficulty_name, put=_put_replicated(self.mesh),
+                schedule=self.declared)
+            result = {**result, f"exact@N={n}": at_n["exact"], f"loss@N={n}": at_n["loss"]}
+        if cfg.eval_mode == "generate":  # answers written by the model itself, beside teacher forcing
+            result.update(evaluate_generation(self.state.params, self.eval_batches, num_items=task.num_items,
+                                              difficulty_name=task.difficulty_name, sleep=cfg.eval_generation_sleep,
+                                              teacher_forced=False))
         self.last_eval = result
         if result["slept_fraction"] < 1.0:
             self.warn_once("eval_slept", f"evaluation at step {step}: only {result['slept_fraction']:.4f} of the "
                            "example-windows that should have slept did")
         self.log.write(step, "eval", {**result, "sequences": step * cfg.batch_size,
                                       "tokens": step * cfg.batch_size * task.seq_len, **_epochs_at(cfg, step)})
-        self.log.line(f"eval @ {step}: exact {result['exact']:.3f}  loss {result['loss']:.4f}  "
+        generated = f"generated {result['exact_generated']:.3f}  " if "exact_generated" in result else ""
+        self.log.line(f"eval @ {step}: exact {result['exact']:.3f}  {generated}loss {result['loss']:.4f}  "
                       f"slept {result['slept_fraction']:.2f}  " +
                       "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in result.items() if k.startswith("exact/")),
                       final=True)
@@ -305,11 +398,13 @@ class _Run:
         rundir.save_checkpoint(self.manager, step, self.state, self.progress.state(self.wall_clock()), force=force)
 
     def preempt(self, done: int) -> None:
-        """A preemption notice: the checkpoint at this step boundary, the logs flushed, then exit code 75."""
+        """A preemption notice (or Ctrl-C): the checkpoint at this step boundary, the logs flushed, then exit code
+        75 (``Preempted``; Ctrl-C: 130, ``Interrupted``)."""
         self.save(done, force=True)
         self.manager.wait_until_finished()
         self.log.flush()
-        error = Preempted(done, self.workdir / rundir.CHECKPOINTS)
+        ctrl_c = self.stop is not None and self.stop.requested == signal.SIGINT
+        error = (Interrupted if ctrl_c else Preempted)(done, self.workdir / rundir.CHECKPOINTS)
         self.log.line(error.message, final=True)
         raise error
 
@@ -346,8 +441,10 @@ class _Run:
             "lr_schedule_steps": self.schedule_steps, "extended": self.record["extended"],
             "sleep_schedule": self.declared, "slept_fraction": {"train": model_lib.slept_fraction(sleep),
                                                                 "eval": self.last_eval.get("slept_fraction")},
-            "sleep_counts": {"train": sleep},
+            "sleep_counts": {"train": sleep}, "learning_rates": learning_rates_summary(cfg),
         }
+        if cfg.init_from:
+            results["init_from"] = checkpoint_summary(cfg, self.model_cfg)
         if self.lead:
             rundir.write_results(self.workdir, results)
         return results

@@ -11,6 +11,7 @@ import math
 from sleepjax import finetune, optim
 
 SCHEDULES = ("cosine", "constant")
+EVAL_MODES = ("teacher_forced", "generate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,15 @@ class TrainConfig:
     # also freeze_steps, with round(warmup_epochs * K / batch_size) (the paper's sliding recipe: one epoch of only
     # the new layers under hard eviction, then everything under sliding eviction). Both need train_examples.
     train_examples: int = 0
+    # N-robust training: each step's sleep passes drawn from this set of N ("lo:hi" = lo..hi, or "1,2,4,8"), a pure
+    # function of (seed, step); one compiled step serves them all (the model's sleep_n must be the largest), and
+    # every evaluation also scores each N of the set (exact@N=k, loss@N=k). "": every step runs the model's sleep_n.
+    sleep_n_sample: str = ""
+    # "generate": every evaluation also scores answers by free greedy generation (exact_generated, beside the
+    # teacher-forced exact), the prompt consumed as inference does; eval_generation_sleep says which windows sleep
+    # then ("always": every full window, as at inference; "unsupervised": as in training).
+    eval_mode: str = "teacher_forced"
+    eval_generation_sleep: str = "always"
     epochs: float = 0.0
     warmup_epochs: float = 0.0
 
@@ -86,6 +96,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.insert_kind not in ("gdn", "jet"):
             raise ValueError(f"insert_kind must be 'gdn' or 'jet', got {self.insert_kind!r}")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}")
+        if self.eval_generation_sleep not in ("always", "unsupervised"):
+            raise ValueError(f"eval_generation_sleep must be 'always' or 'unsupervised', got "
+                             f"{self.eval_generation_sleep!r}")
         if self.freeze not in finetune.FREEZE:
             raise ValueError(f"freeze must be one of {finetune.FREEZE}, got {self.freeze!r}")
         if self.freeze != "none" and not self.insert_gdn:
@@ -93,6 +108,35 @@ class TrainConfig:
         if self.insert_gdn and not self.init_from:
             raise ValueError("insert_gdn needs init_from (the pretrained checkpoint to insert layers into)")
         self._derive_from_epochs()
+        self.sleep_n_set  # validates sleep_n_sample
+
+    @property
+    def sleep_n_set(self) -> tuple[int, ...]:
+        """The Ns of ``sleep_n_sample``, sorted (empty when off)."""
+        spec = self.sleep_n_sample
+        if not isinstance(spec, str):
+            raise ValueError(f"sleep_n_sample must be a string ('lo:hi' or 'a,b,...'), got {spec!r}")
+        if not spec.strip():
+            return ()
+        try:
+            if ":" in spec:
+                lo, hi = (int(x) for x in spec.split(":"))
+                values = tuple(range(lo, hi + 1))
+            else:
+                values = tuple(sorted({int(x) for x in spec.split(",")}))
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise ValueError(f"sleep_n_sample must be 'lo:hi' (1 <= lo <= hi) or a list 'a,b,...' of ints >= 1, "
+                             f"got {spec!r}")
+        return values
+
+    def sleep_passes_at(self, step: int) -> int:
+        """The N step ``step`` + 1 trains with under ``sleep_n_sample``: a pure function of (seed, step)."""
+        from sleepjax.tasks.base import example_rng
+
+        values = self.sleep_n_set
+        return int(values[example_rng(self.seed, step, "train", "sleep_n_sample").integers(len(values))])
 
     def _derive_from_epochs(self) -> None:
         """train_examples / epochs / warmup_epochs: validated, then the step counts they set."""

@@ -46,6 +46,10 @@ train_examples         test_train_epochs.py::test_train_runs_the_epochs_over_the
                        drawn); test_train_epochs.py::test_rows_are_slices_of_the_full_batch (the trainer's batches)
 epochs                 test_train_epochs.py::test_train_runs_the_epochs_over_the_fixed_set (3 steps, not 40);
                        test_train_epochs.py::test_epochs_set_the_steps_and_bad_settings_are_named
+sleep_n_sample         test_train_n_robust.py::test_n_robust_run_compiles_one_step_and_evaluates_every_n (loss@N=k
+                       differ per N; one compiled step)
+eval_mode, eval_generation_sleep
+                       test_train_eval_mode.py::test_generate_eval_mode_logs_generated_accuracy
 warmup_epochs          test_train_epochs.py::test_epochs_set_the_steps_and_bad_settings_are_named (sets
                        warmup_eviction_steps, and freeze_steps when freeze="pretrained", whose rows are above)
 

@@ -7,11 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from helpers.runs import MICRO, micro_setup
 from sleepjax import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +38,11 @@ def launch(module, *args, env=None):
     pytest.param("experiments.depo", ["--sweep_n=1,0"], "--sweep_n", marks=SLOW),
 ])
 def test_bad_flags_fail_at_start(module, args, needle, tmp_path):
-    """One line on stderr names the flag or field (no traceback), before any work."""
+    """One line on stderr names the flag or field (no traceback, no usage dump), before any work; exit code 2."""
     out = launch(module, *args, f"--workdir={tmp_path / 'w'}" if "workdir" not in args[0] else "--sleep_n=1")
-    assert out.returncode != 0
-    errors = [line for line in out.stderr.splitlines() if line.startswith("usage error: ")]
-    assert len(errors) == 1 and needle in errors[0], (out.stdout[-1000:], out.stderr[-2000:])
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and needle in out.stderr, \
+        (out.stdout[-1000:], out.stderr[-2000:])
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists(), "no work may start before the flags are checked"
 
@@ -61,7 +58,7 @@ def test_bad_flags_fail_at_start(module, args, needle, tmp_path):
 ])
 def test_a_removed_flag_names_its_replacement(removed, replacement, tmp_path):
     out = launch("experiments.depo", removed, f"--workdir={tmp_path / 'w'}")
-    assert out.returncode == 1 and replacement in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    assert out.returncode == 2 and replacement in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
     assert not (tmp_path / "w").exists(), "no work may start before the flags are checked"
 
 
@@ -69,7 +66,8 @@ def test_help_lists_the_flags_and_every_config_field():
     out = launch("experiments.gsm_infinite", "--config=paper_sliding", "--config.train.steps=7", "--help")
     assert out.returncode == 0, out.stderr[-2000:]
     for needle in ("--sweep_n", "--seeds", "--parallel", "--config:", "paper_sliding:", "--config.train.steps=7",
-                   "--config.model.eviction='sliding'", "--config.task.window=512", "--config.model.window=None"):
+                   "--config.model.eviction='sliding'", "--config.task.window=512", "--config.model.window=None",
+                   "--sleep_n", "--workdir", "--eval_sleep_n", "Exit codes:", "fine-tuning default"):
         assert needle in out.stdout, needle
 
 

@@ -4,6 +4,7 @@ of the same weights with that N (and differ between Ns), not the trained N's."""
 import json
 
 import numpy as np
+import pytest
 
 import sleepjax
 from experiments import common
@@ -22,6 +23,7 @@ def direct_loss(params, batches, n):
     return total / count
 
 
+@pytest.mark.slow
 def test_eval_sleep_n_scores_each_requested_n(tmp_path):
     """Catches an evaluation that ignores the requested N (scoring the trained N = 2 for every entry)."""
     task, model_cfg, train_cfg = micro_setup(sleep_n=2, steps=6, eval_every=6, checkpoint_every=6, log_every=3)

@@ -277,7 +277,7 @@ def test_a_window_sleeps_iff_the_example_itself_supervises_nothing_there(jit):
             assert rel_err(out[name][b], expected) < 1e-5, (name, b)
 
 
-@pytest.mark.parametrize("remat", [pytest.param("none", marks=SLOW), "both"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("both", marks=SLOW)])
 def test_token_stats_equal_the_logits_path_in_chunks(remat, monkeypatch):
     """The training/eval loss (cross-entropy per window, in chunks of positions, never the [B, T, V] logits) equals
     ``token_losses`` of the full logits, values and gradients. Window 24 in head chunks of 16 (the last one padded),

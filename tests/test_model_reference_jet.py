@@ -14,23 +14,14 @@ import pytest
 
 import sleepjax
 from helpers import numpy_reference as ref
-from helpers.compare import assert_close, assert_states_close, case_key, rel_err
-from helpers.models import TINY, make_params, random_state, run_stream
+from helpers.compare import assert_close, assert_states_close, case_key
+from helpers.models import TINY, make_params, mixed_mask, random_state, run_stream
 
 TOL = 1e-4
 # Every jet field off its default (test_config_fields.py's table points here): jet layers with Dk != Dv, a swa
 # layer whose window (3) is shorter than sleepjax's (6), q/k/v biases, a GDN layer beside them.
 JET = dict(layers=("jet", "swa", "gdn", "jet", "attn"), jet_heads=3, jet_key_dim=8, jet_value_dim=4,
            jet_conv_size=3, jet_conv_reduction=2, jet_norm_eps=0.05, swa_window=3, attn_bias=True)
-
-
-def mixed_mask(B, T):
-    """Window 0 sleeps, window 1 is supervised in the last example only, window 2 sleeps, the short last window
-    wakes in the first example only (window = 6)."""
-    m = np.zeros((B, T), bool)
-    m[B - 1, 7:9] = True
-    m[0, T - 2] = True
-    return m
 
 
 def test_jet_state_shapes():

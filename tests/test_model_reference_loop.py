@@ -8,27 +8,17 @@ Ouro recipe). Tolerance as in test_model_reference.py: max |jax - ref| / max |re
 """
 
 import jax
-import numpy as np
 import pytest
 
 import sleepjax
 from helpers import numpy_reference as ref
 from helpers.compare import assert_close, assert_states_close, case_key
-from helpers.models import TINY, make_params, random_state, run_stream
+from helpers.models import TINY, make_params, mixed_mask, random_state, run_stream
 
 # Three loops of attn-jet (the jet layer MLP-free, the attention layer sandwich-normed): every looping field off
 # its default (test_config_fields.py's table points here).
 LOOP = dict(layers=("attn", "jet"), loop_steps=3, sandwich_norm_layers=(0,), mlp_free_layers=(1,), jet_heads=2,
             jet_key_dim=8, jet_value_dim=8)
-
-
-def mixed_mask(B, T):
-    """window = 6: window 0 sleeps, window 1 is supervised in the last example only, window 2 sleeps, the short
-    last window wakes in the first example only."""
-    m = np.zeros((B, T), bool)
-    m[B - 1, 7:9] = True
-    m[0, T - 2] = True
-    return m
 
 
 def test_loop_state_and_carries_per_loop():

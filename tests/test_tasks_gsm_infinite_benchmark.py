@@ -245,6 +245,7 @@ def test_sleep_schedule_fits_benchmark_batches():
         assert schedule.fits(task.sleep_schedule(), mask, 32)
 
 
+@pytest.mark.slow
 def test_launcher_evaluates_on_the_benchmark(tmp_path, launcher_env):
     """experiments.gsm_infinite for a few steps, trained on generated problems and evaluated on the fixture."""
     workdir = tmp_path / "run"

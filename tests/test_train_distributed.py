@@ -126,6 +126,7 @@ def clean_two(tmp_path_factory, launcher_env):
     return dict(params=checkpoint_params(workdir), rows=read_metrics(workdir / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path, launcher_env, clean_two):
     """Two processes (each building its half of every global batch) end where one process feeding the whole
     batch does: train losses and parameters to float tolerance. Catches every process feeding the same rows

@@ -22,7 +22,8 @@ from helpers.compare import assert_bitwise_equal
 from helpers.runs import checkpoint_params, damage_checkpoint, finished_checkpoints, micro_setup, without_timing
 from sleepjax import rundir
 from sleepjax.metrics_log import read_metrics
-from sleepjax.train import PREEMPTED_EXIT_CODE, Preempted, TrainConfig, UnreadableCheckpoints, train
+from sleepjax.train import (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Interrupted, Preempted, TrainConfig,
+                            UnreadableCheckpoints, train)
 
 STEPS = 25
 SETTINGS = dict(steps=STEPS, checkpoint_every=10, log_every=3, eval_every=10)
@@ -42,6 +43,31 @@ class SigtermAt:
     def batch(self, seed, step, batch_size, rows=None, **options):
         if step == self._step:
             os.kill(os.getpid(), signal.SIGTERM)
+        return self._task.batch(seed, step, batch_size, rows=rows, **options)
+
+
+class LauncherStop:
+    """A launcher's ``stop`` (experiments/common.py), driven by the test: Ctrl-C "arrives" when the batch of
+    ``at_step`` is built; records when train says a step is unsaved and when everything is saved."""
+
+    def __init__(self):
+        self.requested, self.calls = None, []
+
+    def unsaved(self):
+        self.calls.append("unsaved")
+
+    def saved(self):
+        self.calls.append("saved")
+
+
+class CtrlCAt(SigtermAt):
+    def __init__(self, task, step, stop):
+        super().__init__(task, step)
+        self._stop = stop
+
+    def batch(self, seed, step, batch_size, rows=None, **options):
+        if step == self._step:
+            self._stop.requested = signal.SIGINT
         return self._task.batch(seed, step, batch_size, rows=rows, **options)
 
 
@@ -136,6 +162,39 @@ def test_sigterm_saves_exits_75_and_the_resumed_run_is_the_uninterrupted_one(ref
     assert_bitwise_equal(checkpoint_params(workdir), reference["params"], f"SIGTERM at step {signalled}")
     assert without_timing(read_metrics(workdir / "metrics.jsonl")) == without_timing(reference["rows"]), \
         f"the resumed log must be the uninterrupted one (SIGTERM at step {signalled}, saved {stop.step})"
+
+
+# catches Ctrl-C that saves nothing (a traceback, the steps since the last checkpoint lost) or exits 75 / 1
+def test_ctrl_c_saves_exits_130_and_the_resumed_run_is_the_uninterrupted_one(reference, tmp_path):
+    task, model_cfg, cfg = reference["setup"]
+    stop, at = LauncherStop(), random.randrange(3, STEPS - 3)
+    with pytest.raises(Interrupted) as interrupted:
+        train(CtrlCAt(task, at, stop), model_cfg, cfg, tmp_path / "run", stop=stop)
+    assert interrupted.value.code == INTERRUPTED_EXIT_CODE == 130 and isinstance(interrupted.value, SystemExit)
+    assert at - 1 <= interrupted.value.step < STEPS and interrupted.value.step in finished_checkpoints(tmp_path / "run")
+    assert "interrupted: saved the checkpoint at step" in interrupted.value.message
+    assert stop.calls == ["unsaved"], "train tells the launcher once a step is unsaved (not before the first)"
+    resumed = LauncherStop()
+    results = train(task, model_cfg, cfg, tmp_path / "run", stop=resumed)
+    assert results["steps"] == STEPS and resumed.calls == ["unsaved", "saved"]
+    assert_bitwise_equal(checkpoint_params(tmp_path / "run"), reference["params"], f"Ctrl-C at step {at}")
+    assert without_timing(read_metrics(tmp_path / "run" / "metrics.jsonl")) == without_timing(reference["rows"])
+
+
+# catches a SIGTERM during the last step that waits for the final evaluation (past the grace period) before saving
+def test_sigterm_during_the_last_step_saves_it_and_leaves_its_evaluation_to_the_resumed_run(reference, tmp_path):
+    task, model_cfg, cfg = reference["setup"]
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with pytest.raises(Preempted) as stop:  # the batch after the last is prefetched during the last step
+            train(SigtermAt(task, STEPS), model_cfg, cfg, tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.step == STEPS and STEPS in finished_checkpoints(tmp_path / "run")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"] == [10, 20]
+    results = train(task, model_cfg, cfg, tmp_path / "run")
+    assert results["final_eval"] == reference["results"]["final_eval"]
+    assert without_timing(read_metrics(tmp_path / "run" / "metrics.jsonl")) == without_timing(reference["rows"])
 
 
 @pytest.mark.parametrize("how", ["data", "metadata", "progress"])

@@ -54,6 +54,22 @@ def train(**fields: Any) -> mlc.ConfigDict:
     return _section(TrainConfig, fields)
 
 
+# Fine-tuning rates: what a run with train.init_from on a from-scratch preset (tiny, paper, ...) trains at, for
+# each of these fields the command line does not set (the launcher says so on one line). The from-scratch rates
+# (Muon 0.02, AdamW 3e-3 in the tiny presets) wreck a pretrained model in a few steps. Muon 1e-3 and AdamW 5e-5 are
+# the paper's fine-tuning rates (the gsm_infinite paper_* fine-tuning presets, which keep their own); the warm-up
+# is FINETUNE_WARMUP_FRACTION of the run's steps (at least 1).
+FINETUNE_RATES: dict[str, Any] = {"muon_lr": 1e-3, "adam_lr": 5e-5, "warmup_steps": None}
+FINETUNE_WARMUP_FRACTION = 0.05
+
+
+def finetune_rate(name: str, steps: int) -> Any:
+    """The fine-tuning default of ``name`` (a key of FINETUNE_RATES) for a run of ``steps`` steps."""
+    if name == "warmup_steps":
+        return max(1, round(FINETUNE_WARMUP_FRACTION * steps))
+    return FINETUNE_RATES[name]
+
+
 REQUIRED = "REQUIRED: "
 
 

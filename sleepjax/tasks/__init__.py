@@ -11,6 +11,7 @@ _REGISTRY = {
     "rule110": "sleepjax.tasks.rule110:Rule110",
     "depo": "sleepjax.tasks.depo:Depo",
     "gsm_infinite": "sleepjax.tasks.gsm_infinite:GSMInfinite",
+    "text": "sleepjax.tasks.text:Text",  # your own data: JSONL prompt/answer records or plain text
 }
 
 NAMES = tuple(_REGISTRY)

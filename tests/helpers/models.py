@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import sleepjax
 
@@ -62,3 +63,12 @@ def random_state(params, B, key, scale=0.5):
 
     shapes = [s.shape for s in sleepjax.init_state(params, B)]
     return tuple(scale * jax.random.normal(k, s) for k, s in zip(jax.random.split(key, len(shapes)), shapes))
+
+
+def mixed_mask(B, T):
+    """A loss mask for windows of 6: window 0 sleeps, window 1 is supervised in the last example only, window 2
+    sleeps, the short last window wakes in the first example only."""
+    m = np.zeros((B, T), bool)
+    m[B - 1, 7:9] = True
+    m[0, T - 2] = True
+    return m
