@@ -178,6 +178,7 @@ class RunSpec:
     seed: int
     baseline: str = "none"  # "none", "transformer" or "no_eviction"
     compute_match_n: int | None = None  # N = 1 trained for the layer passes of N = this
+    sampled: tuple = ()  # N-robust training (config.train.sleep_n_sample): the set each step's N is drawn from
 
     @property
     def name(self) -> str:
@@ -186,6 +187,8 @@ class RunSpec:
             return f"{self.baseline}_seed{self.seed}"
         if self.compute_match_n:
             return f"N1_flopsN{self.compute_match_n}_seed{self.seed}"
+        if self.sampled:
+            return f"Nrobust{min(self.sampled)}-{max(self.sampled)}_seed{self.seed}"
         return f"N{self.sleep_n}_seed{self.seed}"
 
     @property
@@ -197,6 +200,8 @@ class RunSpec:
             return "hybrid, no eviction (full context)"
         if self.compute_match_n:
             return f"N = 1, compute-matched to N = {self.compute_match_n}"
+        if self.sampled:
+            return f"N-robust (N in {','.join(map(str, self.sampled))} per step)"
         return f"N = {self.sleep_n}"
 
     @property
@@ -214,6 +219,14 @@ def expand_runs(config) -> list[RunSpec]:
     unknown = sorted(set(FLAGS.baselines or []) - set(BASELINES))
     if unknown:
         raise ValueError(f"--baselines must be a list of {BASELINES}, got {unknown}")
+    from sleepjax.train import TrainConfig
+
+    sampled = _validated("train", lambda: TrainConfig(sleep_n_sample=config.train.sleep_n_sample).sleep_n_set)
+    if sampled:  # one model for every N of the set: its runs differ only by seed
+        if FLAGS.sweep_n or FLAGS.baselines or FLAGS.compute_match_n:
+            raise ValueError("config.train.sleep_n_sample trains one model for every N of its set: drop --sweep_n, "
+                             "--baselines and --compute_match_n (score it at other N with --eval_sleep_n)")
+        return [RunSpec(max(sampled), s, sampled=sampled) for s in seeds]
     if FLAGS.baselines is None:
         return [RunSpec(n, s, FLAGS.baseline, FLAGS.compute_match_n) for n in sweep for s in seeds]
     runs = [RunSpec(n, s) for n in sweep for s in seeds]

@@ -48,3 +48,23 @@ def test_n_robust_run_compiles_one_step_and_evaluates_every_n(tmp_path, monkeypa
     assert all(r["slept_fraction"] == 1.0 for r in rows if r["kind"] == "train")
     with pytest.raises(ValueError, match="largest N"):
         train(task, model_cfg.replace(sleep_n=2), cfg, tmp_path / "other")
+
+
+def test_a_launcher_sweep_names_n_robust_runs_by_their_set():
+    """Catches an N-robust run filed and labelled as "N1" (the flag's default) and a --sweep_n that would train
+    copies of the same N-robust model."""
+    from experiments import common
+    from experiments.configs import depo
+
+    config = depo.get_config("tiny")
+    config.train.sleep_n_sample = "1:4"
+    try:
+        common.FLAGS(["launcher", "--seeds=1,2"], known_only=True)
+        runs = common.expand_runs(config)
+        assert [(r.name, r.sleep_n) for r in runs] == [("Nrobust1-4_seed1", 4), ("Nrobust1-4_seed2", 4)]
+        assert runs[0].label == "N-robust (N in 1,2,3,4 per step)"
+        common.FLAGS(["launcher", "--seeds=1", "--sweep_n=1,4"], known_only=True)
+        with pytest.raises(ValueError, match="drop --sweep_n"):
+            common.expand_runs(config)
+    finally:
+        common.FLAGS.unparse_flags()
