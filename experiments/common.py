@@ -55,6 +55,9 @@ flags.DEFINE_integer("compute_match_n", None, "Train N = 1 for as many layer pas
                      "take in config.train.steps (more steps; what --baselines=compute_matched runs).", lower_bound=2)
 flags.DEFINE_list("eval_sleep_n", None, "After training, evaluate every run's final checkpoint at each of these N "
                   "(e.g. 1,2,4,8), whatever N it was trained with: a table of accuracy per difficulty x N.")
+flags.DEFINE_list("eval_sleep_tol", None, "After training, evaluate every run's final checkpoint with adaptive "
+                  "sleep depth at each of these tolerances (e.g. 0,0.01,0.1; see config.model.sleep_tol), at most the "
+                  "largest --eval_sleep_n passes (default: the trained N): accuracy against the mean passes taken.")
 flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() and let it detect the "
                   "cluster (TPU pod slices, SLURM, ...).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (implies --distributed).")
@@ -64,7 +67,7 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (with --
 # What a sweep never passes on to its children: the flags that name one run (it sets them for each child) and
 # the multi-host ones (a child of a parallel sweep is one local process).
 _NOT_FOR_CHILDREN = ("sleep_n", "workdir", "sweep_n", "seeds", "parallel", "baselines", "baseline",
-                     "compute_match_n", "eval_sleep_n", "config.train.seed", "config.model.sleep_n", "distributed",
+                     "compute_match_n", "eval_sleep_n", "eval_sleep_tol", "config.train.seed", "config.model.sleep_n", "distributed",
                      "coordinator_address", "num_processes", "process_id")
 _HELP = ("-h", "-help", "--help", "--helpshort", "-?", "--helpfull", "-helpfull")
 # With config.train.init_from the model is the checkpoint's; these fields of config.model still apply (how it
@@ -549,6 +552,7 @@ def main(task_name: str) -> None:
         eval_ns = [int(n) for n in FLAGS.eval_sleep_n] if FLAGS.eval_sleep_n else []
         if any(n < 1 for n in eval_ns):
             raise ValueError(f"--eval_sleep_n values must be >= 1, got {FLAGS.eval_sleep_n}")
+        eval_tols = _eval_tols(FLAGS.eval_sleep_tol)
         _validated("train", lambda: mesh_lib.parse_mesh(config.train.mesh))
         built = {run: build(task_name, config, run) for run in runs}  # validates everything
         for task, model_cfg, train_cfg in built.values():  # the settings against the devices and the workdir
@@ -568,6 +572,8 @@ def main(task_name: str) -> None:
         _train(train, task, model_cfg, train_cfg, workdir)
         if eval_ns:
             print(report.eval_sleep_n_table([_evaluate_at_n(workdir, eval_ns)]))
+        if eval_tols:
+            print(report.eval_sleep_tol_table([_evaluate_at_tol(workdir, eval_tols, max(eval_ns, default=0))]))
         return
 
     run_dirs = {run: workdir / run.name for run in runs}
@@ -589,6 +595,9 @@ def main(task_name: str) -> None:
         for run in runs:
             if run.baseline == "none":
                 _evaluate_at_n(run_dirs[run], eval_ns)
+    if eval_tols:
+        print(report.eval_sleep_tol_table([_evaluate_at_tol(run_dirs[run], eval_tols, max(eval_ns, default=0))
+                                           for run in runs if run.baseline == "none"]))
     text = report.write_comparison(workdir, [run_dirs[r] for r in runs],
                                    title=f"{task_name} ({_preset_name()}): sleep passes N")
     print(text)
@@ -608,6 +617,36 @@ def _evaluate_at_n(run_dir: Path, ns: list[int]) -> dict:
               "by_n": {str(n): metrics for n, metrics in evaluate_at_sleep_n(
                   params, batches, ns, num_items=task.num_items, difficulty_name=task.difficulty_name).items()}}
     (run_dir / report.EVAL_SLEEP_N_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _eval_tols(values) -> list[float]:
+    """--eval_sleep_tol as floats >= 0, or a ValueError naming the flag."""
+    try:
+        tols = [float(v) for v in values or []]
+    except ValueError:
+        tols = None
+    if tols is None or any(not (0 <= t < float("inf")) for t in tols):
+        raise ValueError(f"--eval_sleep_tol must be finite numbers >= 0 (e.g. 0,0.01,0.1), got {values}")
+    return tols
+
+
+def _evaluate_at_tol(run_dir: Path, tols: list[float], max_n: int) -> dict:
+    """The run's final checkpoint on its held-out set with adaptive depth at each tolerance, at most ``max_n``
+    passes (0: the trained N); written to eval_sleep_tol.json."""
+    from sleepjax import report
+    from sleepjax.evaluate import evaluate_at_sleep_tol
+    from sleepjax.train import load_run
+
+    params, model_cfg, train_cfg, task = load_run(run_dir)
+    max_n = max_n or model_cfg.sleep_n
+    batches = task.eval_set(train_cfg.eval_seed, train_cfg.eval_size, train_cfg.eval_batch_size)
+    result = {"label": report.run_label(run_dir, model_cfg.sleep_n), "seed": train_cfg.seed,
+              "trained_n": model_cfg.sleep_n, "max_n": max_n,
+              "by_tol": {repr(tol): metrics for tol, metrics in evaluate_at_sleep_tol(
+                  params, batches, tols, max_n, num_items=task.num_items,
+                  difficulty_name=task.difficulty_name).items()}}
+    (run_dir / report.EVAL_SLEEP_TOL_FILE).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -36,6 +36,7 @@ def score_batch(params, tokens, loss_mask, item, num_items: int, schedule: str |
         "token_ce": (ce * mask).sum(),
         "token_count": mask.sum(),
         **model_lib.sleep_counts(params.config, loss_mask, passes),
+        "passes_hist": model_lib.pass_histogram(params.config, loss_mask, passes),
     }
 
 
@@ -49,6 +50,8 @@ def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficu
     ``exact``: mean exact accuracy over items; ``exact/<name>=<d>`` and ``loss/<name>=<d>`` per difficulty;
     ``loss`` and ``token_accuracy`` over every supervised position; ``items``: how many were scored.
     ``slept_fraction``: of the example-windows with no supervised position, the fraction that slept (N passes).
+    ``passes_mean`` and ``passes_hist/<p>`` (p = 1..N): the passes those example-windows ran (``model.pass_summary``;
+    with adaptive depth, where each stopped).
     ``put`` places a host array on the devices (multi-host runs pass one that builds global arrays).
     ``schedule``: the task's sleep schedule (``Task.sleep_schedule``), used where it fits each batch (M where it
     does not); None derives each batch's own (one compile per distinct schedule).
@@ -56,6 +59,7 @@ def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficu
     exact, ce = defaultdict(list), defaultdict(list)
     token_correct = token_ce = token_count = 0.0
     counts = dict.fromkeys(model_lib.SLEEP_COUNTS, 0.0)
+    histogram = np.zeros(params.config.sleep_n, np.int64)
     window = params.config.window
     for batch in batches:
         mask = batch["loss_mask"]
@@ -71,6 +75,7 @@ def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficu
         token_count += float(out["token_count"])
         for key in counts:
             counts[key] += float(out[key])
+        histogram += np.asarray(out["passes_hist"], np.int64)
     all_exact = [e for values in exact.values() for e in values]
     metrics = {
         "exact": float(np.mean(all_exact)) if all_exact else float("nan"),
@@ -79,6 +84,7 @@ def evaluate(params, batches, *, num_items: int, difficulty_name: str = "difficu
         "items": float(len(all_exact)),
         "slept_fraction": model_lib.slept_fraction(counts),
         **counts,
+        **model_lib.pass_summary(histogram),
     }
     for d in sorted(exact):
         metrics[f"exact/{difficulty_name}={d}"] = float(np.mean(exact[d]))
@@ -90,6 +96,16 @@ def evaluate_at_sleep_n(params, batches, ns, **kwargs) -> dict[int, dict[str, fl
     """``evaluate`` with the model's N replaced by each n in ``ns`` (test-time N; the weights are unchanged)."""
     return {int(n): evaluate(params.replace(config=params.config.replace(sleep_n=int(n))), batches, **kwargs)
             for n in ns}
+
+
+def evaluate_at_sleep_tol(params, batches, tols, max_n: int, **kwargs) -> dict[float, dict[str, float]]:
+    """``evaluate`` with adaptive sleep depth: at most ``max_n`` passes, each example-window stopping once a pass
+    changes its fast weights by less than tol (``ModelConfig.sleep_tol``), for each tol in ``tols`` (0: always
+    max_n). The metrics include ``passes_mean`` and ``passes_hist/<p>``: accuracy against the passes it took."""
+    return {float(tol): evaluate(params.replace(config=params.config.replace(sleep_n=int(max_n),
+                                                                             sleep_tol=float(tol))),
+                                 batches, **kwargs)
+            for tol in tols}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -679,6 +679,31 @@ def sleep_counts(cfg: ModelConfig, loss_mask, passes, sleep_passes=None) -> dict
             "slept_supervised": jnp.sum(supervised & (passes > 1))}
 
 
+def pass_histogram(cfg: ModelConfig, loss_mask, passes) -> jax.Array:
+    """How many passes the example-windows with no supervised position ran (loss_mask [B, T], passes [B, W] as
+    ``token_stats`` returns them): int32 [sleep_n], entry p - 1 counting the windows that ran p passes. With
+    adaptive depth (``sleep_tol``) it is where each window stopped; otherwise every count sits at N (or at the
+    ``sleep_passes`` of the call). A sum, so it adds over batches."""
+    B, T = loss_mask.shape
+    W = passes.shape[1]
+    mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, W * cfg.window - T)))
+    sleeping = ~mask.reshape(B, W, cfg.window).any(axis=2)
+    values = jnp.arange(1, cfg.sleep_n + 1)
+    return jnp.sum((passes[..., None] == values) & sleeping[..., None], axis=(0, 1)).astype(jnp.int32)
+
+
+def pass_summary(histogram) -> dict[str, float]:
+    """``passes_mean`` and ``passes_hist/<p>`` (the fraction of sleeping example-windows that ran p passes, p = 1..N)
+    from a ``pass_histogram`` (summed over batches); {} when no window slept."""
+    histogram = np.asarray(histogram, np.float64)
+    total = histogram.sum()
+    if not total:
+        return {}
+    out = {"passes_mean": float(np.dot(np.arange(1, len(histogram) + 1), histogram) / total)}
+    out.update({f"passes_hist/{p}": float(c / total) for p, c in enumerate(histogram, start=1)})
+    return out
+
+
 def slept_fraction(counts) -> float:
     """Of the example-windows that should have slept, the fraction that did (1.0 when none should have)."""
     should = float(counts["should_sleep"])

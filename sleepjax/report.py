@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 # Run-directory names and readers live in rundir (the launchers reach these through report).
-from sleepjax.rundir import EVAL_SLEEP_N_FILE, LABEL_FILE, read_eval_sleep_n, read_run_summary, run_label  # noqa: F401
+from sleepjax.rundir import EVAL_SLEEP_N_FILE, EVAL_SLEEP_TOL_FILE, LABEL_FILE, read_eval_sleep_n, read_run_summary, run_label  # noqa: F401
 
 
 def _groups(runs: list[dict]) -> dict[str, list[dict]]:
@@ -161,6 +161,20 @@ def eval_sleep_n_table(results: list[dict]) -> str:
             trained = " (trained)" if int(n) == r["trained_n"] else ""
             lines.append(f"| {r['label']} | {r['seed']} | {n}{trained} | {m['exact']:.3f} | " +
                          " | ".join(f"{m.get(k, float('nan')):.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def eval_sleep_tol_table(results: list[dict]) -> str:
+    """Adaptive depth: accuracy per difficulty and mean passes per tolerance, one row per (run, seed, tol);
+    results as in eval_sleep_tol.json."""
+    keys = sorted({k for r in results for m in r["by_tol"].values() for k in m if k.startswith("exact/")},
+                  key=lambda k: float(re.sub(r"[^0-9.]", "", k.split("=")[-1]) or 0))
+    lines = ["| run | seed | tol | max N | mean passes | exact (all) | " + " | ".join(k.split("/")[1] for k in keys)
+             + " |", "|" + "---|" * (len(keys) + 6)]
+    for r in results:
+        for tol, m in sorted(r["by_tol"].items(), key=lambda item: float(item[0])):
+            lines.append(f"| {r['label']} | {r['seed']} | {tol} | {r['max_n']} | {m.get('passes_mean', 1.0):.2f} | "
+                         f"{m['exact']:.3f} | " + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ DAMAGED = "damaged_checkpoints"
 RESULTS = "results.json"
 LABEL_FILE = "label.txt"
 EVAL_SLEEP_N_FILE = "eval_sleep_n.json"
+EVAL_SLEEP_TOL_FILE = "eval_sleep_tol.json"  # --eval_sleep_tol: adaptive depth per tolerance
 LEGACY_LOG_WINDOW = "log_window.json"
 
 # The train state keeps orbax's name for a single item, so checkpoints written before the progress item existed

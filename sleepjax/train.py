@@ -388,8 +388,12 @@ class _Run:
         self.log.write(step, "eval", {**result, "sequences": step * cfg.batch_size,
                                       "tokens": step * cfg.batch_size * task.seq_len, **_epochs_at(cfg, step)})
         generated = f"generated {result['exact_generated']:.3f}  " if "exact_generated" in result else ""
+        passes = ""
+        if self.model_cfg.sleep_tol > 0 and "passes_mean" in result:  # adaptive depth: where the windows stopped
+            hist = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in result.items() if k.startswith("passes_hist/"))
+            passes = f"passes {result['passes_mean']:.2f} [{hist}]  "
         self.log.line(f"eval @ {step}: exact {result['exact']:.3f}  {generated}loss {result['loss']:.4f}  "
-                      f"slept {result['slept_fraction']:.2f}  " +
+                      f"slept {result['slept_fraction']:.2f}  {passes}" +
                       "  ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in result.items() if k.startswith("exact/")),
                       final=True)
 

@@ -111,7 +111,10 @@ def test_adaptive_depth_gradient_matches_finite_differences():
     tokens, mask = batch("depth-grad-tokens", B=2)
     w = ref.Weights(params)
     _, changes, _ = reference_passes(w, np.asarray(tokens), mask, 0.0, 4)
-    tol = float(np.median(changes))
+    ordered = np.sort(changes)  # a tolerance between two separated changes: float32 and float64 stop alike
+    i = len(ordered) // 2 + int(np.argmax(ordered[len(ordered) // 2:] / ordered[len(ordered) // 2 - 1:-1]))
+    assert ordered[i] / ordered[i - 1] > 1.02, "the case needs a clear gap between pass changes"
+    tol = float(np.sqrt(ordered[i - 1] * ordered[i]))
     taken, _, _ = reference_passes(w, np.asarray(tokens), mask, tol, 4)
     adaptive = params.replace(config=params.config.replace(sleep_tol=tol))
     _, _, _, passes = model_lib.token_stats(adaptive, tokens, mask, return_passes=True)
@@ -142,3 +145,36 @@ def test_adaptive_depth_gradient_matches_finite_differences():
 def test_sleep_tol_is_validated():
     with pytest.raises(ValueError, match="sleep_tol"):
         sleepjax.ModelConfig(sleep_tol=-1.0)
+
+
+def test_evaluation_reports_the_passes_each_window_took():
+    """Catches a pass histogram that counts supervised windows, reads the wrong passes, or an adaptive evaluation
+    that drops the tolerance or the maximum N (every window would sit at N, or at the trained N)."""
+    from sleepjax.evaluate import evaluate_at_sleep_tol
+
+    params = make_params("depth-histogram", **{**CONFIG, "sleep_n": 6})
+    tokens, mask = batch("depth-histogram-tokens", B=4)
+    item = np.full(mask.shape, -1, np.int32)
+    item[:, 12] = 0
+    batches = [{"tokens": tokens, "loss_mask": mask, "item": item, "difficulty": np.zeros((4, 1), np.int32)}]
+    w = ref.Weights(params)
+    _, changes, _ = reference_passes(w, np.asarray(tokens), mask, 0.0, 6)
+    ordered = np.sort(changes)
+    # tolerances between two separated changes (float32 and float64 stop alike); the first that splits the windows
+    for i in np.argsort(-ordered[1:] / ordered[:-1]):
+        tol = float(np.sqrt(ordered[i] * ordered[i + 1]))
+        taken, _, _ = reference_passes(w, np.asarray(tokens), mask, tol, 6)
+        sleeping = taken[:, :2].ravel()  # windows 0 and 1 sleep, the last is supervised
+        if len(set(sleeping)) > 1:
+            break
+    assert ordered[i + 1] / ordered[i] > 1.02, "the case needs a clear gap between pass changes"
+    expected = {p: float(np.mean(sleeping == p)) for p in range(1, 7)}
+    assert 0 < max(expected.values()) < 1, "the tolerance must split the windows"
+    # the model is built at N = 2 and evaluated at up to 6 passes: max_n must reach the model
+    small = params.replace(config=params.config.replace(sleep_n=2))
+    results = evaluate_at_sleep_tol(small, batches, [0.0, tol, 1e9], 6, num_items=1)
+    assert results[0.0]["passes_mean"] == 6.0 and results[0.0]["passes_hist/6"] == 1.0
+    assert results[1e9]["passes_mean"] == 2.0 and results[1e9]["passes_hist/2"] == 1.0  # the first check stops it
+    got = results[tol]
+    np.testing.assert_allclose([got[f"passes_hist/{p}"] for p in range(1, 7)], list(expected.values()))
+    assert got["passes_mean"] == pytest.approx(float(np.mean(sleeping)))
