@@ -663,16 +663,20 @@ def token_stats(params: Params, tokens, loss_mask, *, schedule: str | None = Non
 SLEEP_COUNTS = ("should_sleep", "slept", "slept_supervised")
 
 
+def _supervised_windows(cfg: ModelConfig, loss_mask, num_windows: int) -> jax.Array:
+    """bool [B, W]: the example-windows holding a supervised position (loss_mask [B, T])."""
+    B, T = loss_mask.shape
+    mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, num_windows * cfg.window - T)))
+    return mask.reshape(B, num_windows, cfg.window).any(axis=2)
+
+
 def sleep_counts(cfg: ModelConfig, loss_mask, passes, sleep_passes=None) -> dict[str, jax.Array]:
     """Example-windows (loss_mask [B, T], passes [B, W] as ``token_stats`` returns them): ``should_sleep`` (no
     supervised position), ``slept`` (of those, the ones that slept: N passes, or at N = 1 the one pass; with
     ``sleep_passes`` or adaptive depth, N is what the call allowed and an example may stop after 2) and
     ``slept_supervised`` (supervised ones that ran more than one pass: never, unless a schedule was wrong). Sums,
     so they add over batches."""
-    B, T = loss_mask.shape
-    W = passes.shape[1]
-    mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, W * cfg.window - T)))
-    supervised = mask.reshape(B, W, cfg.window).any(axis=2)
+    supervised = _supervised_windows(cfg, loss_mask, passes.shape[1])
     due = jnp.clip(jnp.asarray(cfg.sleep_n if sleep_passes is None else sleep_passes), 1, cfg.sleep_n)
     slept = passes >= jnp.minimum(due, 2) if cfg.sleep_tol > 0 else passes == due
     return {"should_sleep": jnp.sum(~supervised), "slept": jnp.sum(~supervised & slept),
@@ -684,10 +688,7 @@ def pass_histogram(cfg: ModelConfig, loss_mask, passes) -> jax.Array:
     ``token_stats`` returns them): int32 [sleep_n], entry p - 1 counting the windows that ran p passes. With
     adaptive depth (``sleep_tol``) it is where each window stopped; otherwise every count sits at N (or at the
     ``sleep_passes`` of the call). A sum, so it adds over batches."""
-    B, T = loss_mask.shape
-    W = passes.shape[1]
-    mask = jnp.pad(jnp.asarray(loss_mask, bool), ((0, 0), (0, W * cfg.window - T)))
-    sleeping = ~mask.reshape(B, W, cfg.window).any(axis=2)
+    sleeping = ~_supervised_windows(cfg, loss_mask, passes.shape[1])
     values = jnp.arange(1, cfg.sleep_n + 1)
     return jnp.sum((passes[..., None] == values) & sleeping[..., None], axis=(0, 1)).astype(jnp.int32)
 
