@@ -2,6 +2,7 @@
 directory is put on sys.path here, so that they import the same way under ``python -m pytest`` from the
 repository root, ``pytest tests/x.py`` and any --import-mode."""
 
+import glob
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,24 @@ import pytest
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the README's test command): one test process per core, at most 4 (each is a JAX process of a
+    few GB). None besides the main one where JAX would see an accelerator: processes would compete for it."""
+    on_cpu = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] == "cpu"
+    accelerator = bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    if accelerator and not (on_cpu and "JAX_PLATFORMS" in os.environ):
+        return 0
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    """``-n`` without ``--dist``: each module's tests on one process (``loadscope``), so that a module-scoped
+    fixture (a trained run, a built model) is built once, not once per process."""
+    given = any(a == "--dist" or a.startswith("--dist=") for a in config.invocation_params.args)
+    if getattr(config.option, "dist", "no") == "load" and not given:
+        config.option.dist = "loadscope"
 
 
 @pytest.fixture(scope="session")
