@@ -10,28 +10,26 @@ against mean passes: a line per run with adaptive depth, markers at fixed test-t
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 
+from run_globs import labelled_runs  # bench/ is on sys.path: these run as scripts
+
 
 def load(patterns: list[str], metric: str) -> list[dict]:
     runs = []
-    for pattern in patterns:
-        name, _, pattern = pattern.rpartition("=")
-        for run in sorted(glob.glob(pattern)):
-            run = Path(run)
-            if not (run / "eval_sleep_tol.json").exists():
-                continue
-            tol = json.loads((run / "eval_sleep_tol.json").read_text())
-            fixed = (json.loads((run / "eval_sleep_n.json").read_text())["by_n"]
-                     if (run / "eval_sleep_n.json").exists() else {})
-            runs.append({"label": name or tol["label"], "seed": tol["seed"], "max_n": tol["max_n"],
-                         "adaptive": sorted((float(t), m.get("passes_mean", 1.0), m[metric], m["exact"])
-                                            for t, m in tol["by_tol"].items()),
-                         "fixed": sorted((int(n), m[metric]) for n, m in fixed.items())})
+    for name, run in labelled_runs(patterns):
+        if not (run / "eval_sleep_tol.json").exists():
+            continue
+        tol = json.loads((run / "eval_sleep_tol.json").read_text())
+        fixed = (json.loads((run / "eval_sleep_n.json").read_text())["by_n"]
+                 if (run / "eval_sleep_n.json").exists() else {})
+        runs.append({"label": name or tol["label"], "seed": tol["seed"], "max_n": tol["max_n"],
+                     "adaptive": sorted((float(t), m.get("passes_mean", 1.0), m[metric], m["exact"])
+                                        for t, m in tol["by_tol"].items()),
+                     "fixed": sorted((int(n), m[metric]) for n, m in fixed.items())})
     return runs
 
 

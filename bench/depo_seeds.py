@@ -14,7 +14,6 @@ exact two-sided sign test) and OUT.png (accuracy against test-time N per kind, o
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 from collections import defaultdict
@@ -22,31 +21,31 @@ from pathlib import Path
 
 import numpy as np
 
+from run_globs import labelled_runs  # bench/ is on sys.path: these run as scripts
+
 
 def load(patterns: list[str], metric: str) -> dict[str, dict[int, dict]]:
     """{label: {seed: {"trained": value at the trained N, n: value at test-time n, ...}}}."""
     out: dict[str, dict[int, dict]] = defaultdict(dict)
-    for pattern in patterns:
-        name, _, pattern = pattern.rpartition("=")  # NAME=GLOB names the runs (older runs' labels say less)
-        for run in sorted(glob.glob(pattern)):
-            run = Path(run)
-            if not (run / "results.json").exists():
+    # NAME=GLOB names the runs (older runs' labels say less)
+    for name, run in labelled_runs(patterns):
+        if not (run / "results.json").exists():
+            continue
+        results = json.loads((run / "results.json").read_text())
+        label = name or ((run / "label.txt").read_text().strip() if (run / "label.txt").exists() else run.name)
+        if metric.startswith("graph_only/"):  # bench/depo_floor.py's score on the questions only the graph answers
+            floor = run / "depo_floor.json"
+            if not floor.exists():
                 continue
-            results = json.loads((run / "results.json").read_text())
-            label = name or ((run / "label.txt").read_text().strip() if (run / "label.txt").exists() else run.name)
-            if metric.startswith("graph_only/"):  # bench/depo_floor.py's score on the questions only the graph answers
-                floor = run / "depo_floor.json"
-                if not floor.exists():
-                    continue
-                entry = {"trained": json.loads(floor.read_text())[metric.split("/")[1]]["graph_only"],
-                         "trained_n": results["sleep_n"]}
-                out[label][int(results["seed"])] = entry
-                continue
-            entry = {"trained": results["final_eval"][metric], "trained_n": results["sleep_n"]}
-            if (run / "eval_sleep_n.json").exists():
-                by_n = json.loads((run / "eval_sleep_n.json").read_text())["by_n"]
-                entry.update({int(n): m[metric] for n, m in by_n.items()})
+            entry = {"trained": json.loads(floor.read_text())[metric.split("/")[1]]["graph_only"],
+                     "trained_n": results["sleep_n"]}
             out[label][int(results["seed"])] = entry
+            continue
+        entry = {"trained": results["final_eval"][metric], "trained_n": results["sleep_n"]}
+        if (run / "eval_sleep_n.json").exists():
+            by_n = json.loads((run / "eval_sleep_n.json").read_text())["by_n"]
+            entry.update({int(n): m[metric] for n, m in by_n.items()})
+        out[label][int(results["seed"])] = entry
     return out
 
 

@@ -67,8 +67,8 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (with --
 # What a sweep never passes on to its children: the flags that name one run (it sets them for each child) and
 # the multi-host ones (a child of a parallel sweep is one local process).
 _NOT_FOR_CHILDREN = ("sleep_n", "workdir", "sweep_n", "seeds", "parallel", "baselines", "baseline",
-                     "compute_match_n", "eval_sleep_n", "eval_sleep_tol", "config.train.seed", "config.model.sleep_n", "distributed",
-                     "coordinator_address", "num_processes", "process_id")
+                     "compute_match_n", "eval_sleep_n", "eval_sleep_tol", "config.train.seed", "config.model.sleep_n",
+                     "distributed", "coordinator_address", "num_processes", "process_id")
 _HELP = ("-h", "-help", "--help", "--helpshort", "-?", "--helpfull", "-helpfull")
 # With config.train.init_from the model is the checkpoint's; these fields of config.model still apply (how it
 # sleeps and runs, not what it is). None keeps the checkpoint's.
