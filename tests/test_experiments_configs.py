@@ -22,10 +22,12 @@ from sleepjax.train import TrainConfig
 # RunSpec(sleep_n=1, seed=0)).
 EXPECTED = json.loads((Path(__file__).parent / "fixtures" / "launcher_presets.json").read_text())
 CASES = [(task_name, preset) for task_name, presets in EXPECTED.items() for preset in presets]
-# Deliberate changes since the fixture (issue 19): the sliding preset trains the paper's recipe, 3 epochs over a
+# Deliberate changes since the fixture. Issue 19: the sliding preset trains the paper's recipe, 3 epochs over a
 # fixed set with the first as the hard-eviction warm-up (steps and warm-up steps follow from them).
 CHANGED = {("gsm_infinite", "paper_sliding"): {"train": dict(train_examples=1_600_000, epochs=3, warmup_epochs=1,
-                                                             steps=18_750, warmup_eviction_steps=6_250)}}
+                                                             steps=18_750, warmup_eviction_steps=6_250)},
+           # issue 21: the Depo main job at half the rates, validated on fresh seeds (docs/depo_half_rates_fresh.md)
+           ("depo", "tiny"): {"train": dict(muon_lr=0.01, adam_lr=1.5e-3)}}
 
 
 def config_module(task_name):

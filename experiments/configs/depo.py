@@ -34,10 +34,12 @@ def get_config(arg=None):
         # composes two edges. Sleep can write one (pass n's write carries what pass n-1's read returned); a single
         # pass can only partly (the delta rule's erase term reads before it writes: docs/depo_search.md).
         # k in 1..2; held-out questions never repeat a (query, k) pair, so no answer is copied from an earlier
-        # question. Batch 16 and 4,400 steps: chosen by the screens in docs/depo_search.md.
+        # question. Batch 16 and 4,400 steps: chosen by the screens in docs/depo_search.md. The rates are half of
+        # tiny_k4's: at those, half of the N = 4 runs stayed on the two-hop plateau (docs/depo_out_of_sample.md);
+        # these were validated on seeds 20-29 (docs/depo_half_rates_fresh.md).
         config.model = common.model("tiny", layers=("attn", "gdn"))
         config.task = common.task(**dict(CPU_TASK, max_hops=2, distinct_questions="test"))
-        config.train = common.train(steps=4400, batch_size=16, muon_lr=0.02, adam_lr=3e-3, warmup_steps=100,
+        config.train = common.train(steps=4400, batch_size=16, muon_lr=0.01, adam_lr=1.5e-3, warmup_steps=100,
                                     eval_every=400, eval_size=512, eval_batch_size=256, checkpoint_every=1100)
     elif preset == "tiny_k4":
         # The previous main job (docs/depo_previous_results.md, docs/depo_long_results.md).
