@@ -17,9 +17,9 @@ if TESTS not in sys.path:
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (the README's test command): one test process per core, at most 4 (each is a JAX process of a
     few GB). None besides the main one where JAX would see an accelerator: processes would compete for it."""
-    on_cpu = os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] == "cpu"
-    accelerator = bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-    if accelerator and not (on_cpu and "JAX_PLATFORMS" in os.environ):
+    told_cpu = os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu"
+    devices = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")  # NVIDIA GPU, TPU (two drivers)
+    if not told_cpu and any(glob.glob(pattern) for pattern in devices):
         return 0
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
